@@ -1,0 +1,301 @@
+"""Typed configuration: one experiment file = fixed `base` run config + `search` + `tune`.
+
+Precedence follows timm: defaults here, then the YAML file, then `--set key=value`
+overrides; the resolved config is saved next to the outputs. Every model forbids unknown
+keys, so a typo is an error that names the key instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from crackray.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    path: str = "data/demo"  # folder of Parquet shards written by `crackray prepare`
+    # Make synthetic demo tiles at `path` when it does not exist (the quickstart's embedded default).
+    synthetic_if_missing: bool = False
+    synthetic_n: int = Field(400, ge=8)
+    image_size: int = Field(224, ge=16, le=1024)
+    augment: float = Field(1.0, ge=0.0, le=1.0)  # 0 = none; 1 = flips, rot90, full colour jitter
+    balanced_sampling: bool = False  # oversample cracks to ~50 % of each training epoch
+    # Segmentation (segdec) data options.
+    segmented_fraction: float = Field(1.0, ge=0.0, le=1.0)  # positives that keep their mask
+    dilate: int = Field(1, ge=1)  # k x k dilation of ground-truth masks; 1 = none
+    use_negatives: bool = True
+    frequency_sampling: bool = False  # draw negatives by how rarely they were used
+
+    @field_validator("dilate")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError("must be odd (a centred k x k kernel)")
+        return v
+
+
+class ModelConfig(_Strict):
+    name: str = "simple_cnn"
+    pretrained: bool = False  # torchvision ImageNet weights; needs internet on first use
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class LossConfig(_Strict):
+    name: Literal["bce", "focal"] = "bce"
+    # none: every sample weighs 1; inverse_frequency: pos_weight = negatives / positives of the
+    # training split; explicit: use `pos_weight` below.
+    class_weighting: Literal["none", "inverse_frequency", "explicit"] = "none"
+    pos_weight: float = Field(1.0, gt=0.0)
+    focal_alpha: float = Field(0.25, ge=0.0, le=1.0)
+    focal_gamma: float = Field(2.0, ge=0.0)
+    # segdec: total = seg_weight * seg_loss + delta_cls * dec_weight * dec_loss
+    delta_cls: float = Field(1.0, ge=0.0)
+    dynamic_balance: bool = False
+    weighted_seg: bool = False
+    weighted_seg_p: float = Field(2.0, gt=0.0)
+    weighted_seg_max: float = Field(3.0, gt=0.0)
+
+
+class OptimConfig(_Strict):
+    name: Literal["adam", "adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    scheduler: Literal["none", "cosine", "plateau", "onecycle"] = "cosine"
+    warmup_epochs: int = Field(0, ge=0)
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(10, ge=1)
+    workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(0.5, gt=0.0)
+    batch_size: int = Field(32, ge=1)  # per worker
+    eval_batch_size: int = Field(64, ge=1)
+    seed: int = 0
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    bf16: bool = True  # autocast to bfloat16 on GPU; ignored on CPU
+    early_stopping_patience: int = Field(5, ge=1)
+    early_stopping_min_delta: float = Field(0.0, ge=0.0)
+    max_failures: int = Field(0, ge=0)  # worker-group restarts from the latest checkpoint
+    gradient_adjustment: bool = False  # segdec: no decision-loss gradient into the seg subnet
+    best_model: Literal["seg", "dec", "both"] = "dec"  # segdec: which val score picks the best
+    log_masks_every: int = Field(5, ge=1)  # segdec: epochs between predicted-mask artifacts
+
+
+class TrackingConfig(_Strict):
+    # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db (the embedded default).
+    uri: str | None = None
+    experiment: str | None = None  # None: the experiment file's stem
+
+
+class RunConfig(_Strict):
+    """Everything one training run needs; `crackray train` uses it alone."""
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+
+class Distribution(_Strict):
+    """One searched parameter in Optuna's own vocabulary."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Distribution:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("categorical needs a non-empty 'choices' list")
+            if self.low is not None or self.high is not None or self.log or self.step is not None:
+                raise ValueError("categorical takes only 'choices'")
+            return self
+        if self.choices is not None:
+            raise ValueError(f"{self.type} takes low/high/log/step, not 'choices'")
+        if self.low is None or self.high is None:
+            raise ValueError(f"{self.type} needs both 'low' and 'high'")
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log scale needs low > 0 (got {self.low})")
+        if self.log and self.step is not None:
+            raise ValueError("'log' and 'step' cannot be combined (Optuna forbids it)")
+        if self.type == "int" and (self.low != int(self.low) or self.high != int(self.high)):
+            raise ValueError("int needs whole-number low and high")
+        return self
+
+
+class SchedulerConfig(_Strict):
+    name: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(1, ge=1)  # epochs every trial gets before it may be stopped
+    reduction_factor: float = Field(2.0, gt=1.0)
+
+
+class TuneConfig(_Strict):
+    metric: str = "val/f1"
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = Field(8, ge=1)
+    max_concurrent_trials: int = Field(1, ge=1)
+    scheduler: SchedulerConfig = SchedulerConfig()
+    workers_per_trial: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(0.5, gt=0.0)
+    gpus_per_worker: float = Field(0.0, ge=0.0)
+    time_budget_s: float | None = Field(None, gt=0.0)
+    seed: int = 0
+    max_failures: int = Field(0, ge=0)  # retries of a trial that raised
+    name: str | None = None  # fixed job name (needed to resume); None: the file's stem
+    storage_path: str = "ray_results"  # local folder, shared filesystem or object-store URI
+
+
+class ExperimentFile(_Strict):
+    base: RunConfig = RunConfig()
+    search: dict[str, Distribution] = {}
+    tune: TuneConfig = TuneConfig()
+
+    @model_validator(mode="after")
+    def _search_keys_exist(self) -> ExperimentFile:
+        for key in self.search:
+            try:
+                get_dotted(self.base.model_dump(), key)
+            except KeyError:
+                raise ValueError(f"search key '{key}' is not a key of base") from None
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides and flattening
+
+
+def get_dotted(tree: dict, key: str) -> Any:
+    node: Any = tree
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(key)
+        node = node[part]
+    return node
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: '{part}' is a value, not a section")
+    node[parts[-1]] = value
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`key=value` strings to a dict; values are parsed as YAML scalars (3e-4, true, [a, b])."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"override '{pair}' must look like key=value")
+        key, raw = pair.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{key}: cannot parse value '{raw}': {exc}") from None
+    return out
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return f"{source}: " + "; ".join(parts)
+
+
+def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentFile:
+    """Read an experiment YAML, apply dotted overrides, validate; errors name file and key.
+
+    Overrides may name `base.`, `search.` or `tune.` keys; a key without one of these prefixes
+    is taken as a `base.` key, so `--set optim.lr=3e-4` works for `train` and `tune` alike.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such experiment file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must be a mapping with base / search / tune")
+    for key, value in (overrides or {}).items():
+        if key.split(".")[0] not in ("base", "search", "tune"):
+            key = f"base.{key}"
+        _check_override_key(raw, key)
+        set_dotted(raw, key, value)
+    try:
+        experiment = ExperimentFile.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, str(path))) from None
+    if experiment.tune.name is None:
+        experiment.tune.name = path.stem
+    if experiment.base.tracking.experiment is None:
+        experiment.base.tracking.experiment = path.stem
+    return experiment
+
+
+def _check_override_key(raw: dict, key: str) -> None:
+    """Reject an override of a key that no model defines (before pydantic sees a typo)."""
+    defaults = ExperimentFile().model_dump()
+    if key.startswith("search."):
+        return
+    try:
+        get_dotted(defaults, key)
+    except KeyError:
+        raise ConfigError(f"--set {key}: unknown key") from None
+
+
+def run_config_from_dict(tree: dict, source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def with_params(base: RunConfig, params: dict[str, Any]) -> RunConfig:
+    """A copy of `base` with dotted params (a tuning trial's sample) applied and validated."""
+    tree = base.model_dump()
+    for key, value in params.items():
+        set_dotted(tree, key, value)
+    return run_config_from_dict(tree, source="trial params")
+
+
+def save_resolved(config: RunConfig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
+    return path

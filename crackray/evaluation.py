@@ -1,0 +1,97 @@
+"""Turning evaluation outputs into metrics, tables and MLflow artifacts.
+
+Used per epoch by the Train workers (validation), once at the end of a run for the test
+split, and by `select` / `report`. Crack is the positive class throughout.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from crackray import plots
+from crackray.engine import EvalOutputs
+from crackray.metrics import (
+    best_f1_threshold,
+    classification_metrics,
+    confusion_matrix,
+    pixel_metrics,
+    pr_curve,
+    roc_curve,
+    sweep_pixel_threshold,
+)
+from crackray.tracking import Tracker
+
+_COUNT_KEYS = ("tp", "fp", "fn", "tn", "samples", "positives", "negatives")
+
+
+def split_metrics(outputs: EvalOutputs, prefix: str, threshold: float = 0.5) -> dict[str, float]:
+    """`{prefix}/loss, accuracy, precision, recall, f1, auroc, tp, ...` at `threshold`."""
+    metrics = classification_metrics(outputs.probs, outputs.targets, threshold=threshold)
+    out = {f"{prefix}/{key}": float(value) for key, value in metrics.items()}
+    out[f"{prefix}/loss"] = outputs.loss
+    return out
+
+
+def per_surface_metrics(outputs: EvalOutputs, prefix: str, threshold: float) -> dict[str, float]:
+    """The same metrics for each surface (SDNET: D decks, P pavements, W walls)."""
+    out = {}
+    for surface in sorted(set(outputs.surfaces.tolist())):
+        keep = outputs.surfaces == surface
+        part = EvalOutputs(probs=outputs.probs[keep], targets=outputs.targets[keep])
+        metrics = classification_metrics(part.probs, part.targets, threshold=threshold)
+        for key in ("precision", "recall", "f1", "auroc", "accuracy", "samples", "positives"):
+            out[f"{prefix}/{surface}/{key}"] = float(metrics[key])
+    return out
+
+
+def pixel_split_metrics(
+    outputs: EvalOutputs, prefix: str, threshold: float | None = None
+) -> tuple[float, dict[str, float]]:
+    """2-pixel-tolerance metrics of segmentation maps. With `threshold=None` the threshold is
+    swept (validation); otherwise the given one (chosen on validation) is applied (test)."""
+    preds = [m.astype(np.float32) / 255.0 for m in outputs.seg_probs]
+    gts = [m.astype(bool) for m in outputs.masks]
+    if threshold is None:
+        threshold, metrics = sweep_pixel_threshold(preds, gts, tolerance=2)
+    else:
+        metrics = pixel_metrics(preds, gts, threshold=threshold, tolerance=2)
+    out = {f"{prefix}/pixel_{key}": float(value) for key, value in metrics.items()}
+    out[f"{prefix}/pixel_threshold"] = float(threshold)
+    return threshold, out
+
+
+def log_decision_artifacts(
+    tracker: Tracker, run_id: str, outputs: EvalOutputs, threshold: float, name: str
+) -> None:
+    """Confusion matrix (PNG + JSON), PR and ROC curves of one split under `name/`."""
+    matrix = confusion_matrix(outputs.probs, outputs.targets, threshold)
+    tracker.log_json(
+        run_id,
+        {"layout": "rows=true [no_crack, crack], cols=predicted [no_crack, crack]",
+         "threshold": threshold, "matrix": matrix},
+        f"{name}/confusion_matrix.json",
+    )
+    figures = {"confusion_matrix.png": plots.confusion_matrix_figure(matrix, f"{name} @ {threshold:.2f}")}
+    if len(set(outputs.targets.tolist())) == 2:  # curves need both classes
+        precision, recall, _ = pr_curve(outputs.probs, outputs.targets)
+        figures["pr_curve.png"] = plots.curve_figure(
+            recall, precision, xlabel="recall", ylabel="precision", title=f"{name} PR (crack)"
+        )
+        fpr, tpr, _ = roc_curve(outputs.probs, outputs.targets)
+        figures["roc_curve.png"] = plots.curve_figure(
+            fpr, tpr, xlabel="false positive rate", ylabel="true positive rate",
+            title=f"{name} ROC (crack)", diagonal=True,
+        )
+    for file, fig in figures.items():
+        tracker.log_figure(run_id, fig, f"{name}/{file}")
+        plots.close(fig)
+
+
+def test_report(val: EvalOutputs, test: EvalOutputs) -> tuple[float, dict[str, float]]:
+    """Test metrics at 0.5 (`test/...`) and at the validation-F1-optimal threshold
+    (`test/tuned/...`), plus per-surface metrics at the latter."""
+    tuned = best_f1_threshold(val.probs, val.targets)
+    metrics = split_metrics(test, "test", 0.5)
+    metrics.update(split_metrics(test, "test/tuned", tuned))
+    metrics.update(per_surface_metrics(test, "test/surface", tuned))
+    return tuned, metrics

@@ -1,0 +1,269 @@
+"""Metrics for crack detection; crack is the positive class everywhere.
+
+A tile is predicted crack when its probability is >= the threshold: the convention of
+precision-recall curves, so a threshold read off a curve reproduces that curve's point.
+torchmetrics thresholds with `>`, so hard predictions are made here and passed to it as ints.
+
+Tile metrics use torchmetrics (the same code on every worker and in the tests' reference
+checks); pixel metrics for segmentation maps use numpy/scipy with a distance tolerance,
+because hand-drawn crack masks are only accurate to a pixel or two.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torchmetrics.functional.classification import (
+    binary_accuracy,
+    binary_auroc,
+    binary_confusion_matrix,
+    binary_f1_score,
+    binary_precision,
+    binary_precision_recall_curve,
+    binary_recall,
+    binary_roc,
+)
+
+# ---------------------------------------------------------------------------------------------
+# Tile (image-level) metrics
+
+
+def _as_tensors(probs, targets) -> tuple[torch.Tensor, torch.Tensor]:
+    probs = torch.as_tensor(probs, dtype=torch.float32).detach().cpu().flatten()
+    targets = torch.as_tensor(targets).detach().cpu().flatten().long()
+    if probs.numel() != targets.numel() or probs.numel() == 0:
+        raise ValueError(
+            f"need equal, non-zero lengths: {probs.numel()} probs, {targets.numel()} targets"
+        )
+    return probs, targets
+
+
+def _predict(probs: torch.Tensor, threshold: float) -> torch.Tensor:
+    return (probs >= threshold).long()
+
+
+def classification_metrics(probs, targets, threshold: float = 0.5) -> dict:
+    """Accuracy, precision, recall, F1, AUROC and counts at `threshold`.
+
+    A one-class target set makes some metrics meaningless (with no negatives, precision is
+    trivially 1 and AUROC undefined): those are NaN, with a warning, never a fake 1.0.
+    """
+    probs, targets = _as_tensors(probs, targets)
+    preds = _predict(probs, threshold)
+    positives = int(targets.sum())
+    negatives = targets.numel() - positives
+    tn, fp, fn, tp = binary_confusion_matrix(preds, targets).flatten().tolist()
+    out = {
+        "accuracy": binary_accuracy(preds, targets).item(),
+        "precision": binary_precision(preds, targets).item(),
+        "recall": binary_recall(preds, targets).item(),
+        "f1": binary_f1_score(preds, targets).item(),
+        "auroc": float("nan"),
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "tn": tn,
+        "threshold": float(threshold),
+        "samples": targets.numel(),
+        "positives": positives,
+        "negatives": negatives,
+    }
+    if negatives == 0:
+        warnings.warn(
+            "metrics: the targets have no negative (no-crack) sample, so precision and AUROC "
+            "are undefined and reported as NaN; check the split",
+            stacklevel=2,
+        )
+        out["precision"] = float("nan")
+    elif positives == 0:
+        warnings.warn(
+            "metrics: the targets have no positive (crack) sample, so recall and AUROC are "
+            "undefined and reported as NaN; check the split",
+            stacklevel=2,
+        )
+        out["recall"] = float("nan")
+    else:
+        out["auroc"] = binary_auroc(probs, targets).item()
+    return out
+
+
+def confusion_matrix(probs, targets, threshold: float = 0.5) -> list[list[int]]:
+    """[[tn, fp], [fn, tp]]: rows are the true class, columns the predicted class, both in the
+    order [no_crack, crack] (scikit-learn's layout with labels=[0, 1])."""
+    probs, targets = _as_tensors(probs, targets)
+    return binary_confusion_matrix(_predict(probs, threshold), targets).tolist()
+
+
+def _pr_points(probs, targets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(precision, recall, threshold) per candidate threshold, without the curve's end point
+    (precision 1, recall 0), which has no threshold."""
+    probs, targets = _as_tensors(probs, targets)
+    precision, recall, thresholds = binary_precision_recall_curve(probs, targets)
+    n = thresholds.numel()
+    return precision[:n].numpy(), recall[:n].numpy(), thresholds.numpy()
+
+
+def best_f1_threshold(probs, targets) -> float:
+    """The threshold whose predictions have the highest F1 (validation-set calibration)."""
+    precision, recall, thresholds = _pr_points(probs, targets)
+    denominator = precision + recall
+    f1 = np.divide(
+        2 * precision * recall, denominator, out=np.zeros_like(denominator), where=denominator > 0
+    )
+    return float(thresholds[int(np.argmax(f1))])
+
+
+def threshold_for_min_precision(probs, targets, min_precision: float):
+    """(threshold, recall, precision) with the highest recall whose precision >= the floor;
+    among equal recalls the highest precision. None when no threshold reaches the floor."""
+    precision, recall, thresholds = _pr_points(probs, targets)
+    ok = np.flatnonzero(precision >= min_precision)
+    if ok.size == 0:
+        return None
+    i = ok[np.lexsort((precision[ok], recall[ok]))[-1]]
+    return float(thresholds[i]), float(recall[i]), float(precision[i])
+
+
+def threshold_for_min_recall(probs, targets, min_recall: float):
+    """(threshold, precision, recall) with the highest precision whose recall >= the floor;
+    among equal precisions the highest recall. None when no threshold reaches the floor."""
+    precision, recall, thresholds = _pr_points(probs, targets)
+    ok = np.flatnonzero(recall >= min_recall)
+    if ok.size == 0:
+        return None
+    i = ok[np.lexsort((recall[ok], precision[ok]))[-1]]
+    return float(thresholds[i]), float(precision[i]), float(recall[i])
+
+
+def pr_curve(probs, targets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(precision, recall, thresholds) for plotting; precision and recall end at (1, 0)."""
+    probs, targets = _as_tensors(probs, targets)
+    return tuple(t.numpy() for t in binary_precision_recall_curve(probs, targets))
+
+
+def roc_curve(probs, targets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(false-positive rate, true-positive rate, thresholds) for plotting."""
+    probs, targets = _as_tensors(probs, targets)
+    return tuple(t.numpy() for t in binary_roc(probs, targets))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pixel metrics with a distance tolerance
+#
+# Counts per image, all vectorised over thresholds. A predicted crack pixel is a true positive
+# when a ground-truth crack pixel lies within `tolerance` (Euclidean); a ground-truth pixel is
+# found when a predicted pixel lies within `tolerance`. Dice and IoU are the plain, tolerance-
+# free overlaps, for comparison with papers that report them.
+
+PIXEL_THRESHOLDS = tuple(np.linspace(0.05, 0.95, 19).round(2).tolist())
+
+
+def _disk(radius: float) -> np.ndarray:
+    r = int(np.floor(radius))
+    dy, dx = np.mgrid[-r : r + 1, -r : r + 1]
+    return dy**2 + dx**2 <= radius**2
+
+
+def _image_counts(prob: np.ndarray, gt: np.ndarray, tolerance: float, thresholds) -> np.ndarray:
+    """Counts for one image, shape (len(thresholds), 5); the columns are tp_pred, n_pred,
+    tp_gt, n_gt and the plain intersection (pred & gt)."""
+    prob, gt = np.asarray(prob, dtype=np.float32), np.asarray(gt, dtype=bool)
+    if prob.shape != gt.shape or prob.ndim != 2:
+        raise ValueError(f"prediction {prob.shape} and mask {gt.shape} must be equal 2-D shapes")
+    # Distance to the nearest crack pixel; with no crack anywhere, nothing is near one.
+    near_gt = ndimage.distance_transform_edt(~gt) <= tolerance if gt.any() else np.zeros_like(gt)
+    # A GT pixel is found at threshold t iff some pixel within the disk has prob >= t, i.e. iff
+    # the disk's maximum probability is >= t: one filter serves every threshold.
+    disk_max = ndimage.maximum_filter(
+        prob, footprint=_disk(tolerance), mode="constant", cval=-np.inf
+    )
+    rows = []
+    for t in thresholds:
+        pred = prob >= t
+        rows.append(
+            [
+                np.count_nonzero(pred & near_gt),
+                np.count_nonzero(pred),
+                np.count_nonzero(gt & (disk_max >= t)),
+                np.count_nonzero(gt),
+                np.count_nonzero(pred & gt),
+            ]
+        )
+    return np.asarray(rows, dtype=np.int64)
+
+
+def pixel_counts(pred: np.ndarray, gt: np.ndarray, tolerance: float = 2) -> tuple[int, ...]:
+    """(tp_pred, n_pred, tp_gt, n_gt) for a binary prediction (H, W) against a mask (H, W)."""
+    counts = _image_counts(np.asarray(pred, dtype=np.float32), gt, tolerance, [0.5])[0]
+    return tuple(int(c) for c in counts[:4])
+
+
+def _ratio(num, den) -> np.ndarray:
+    # 0 where undefined (no predicted / no true pixel), so a threshold sweep can still rank.
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+
+
+def _f1(precision, recall) -> np.ndarray:
+    return _ratio(2 * precision * recall, precision + recall)
+
+
+def _summaries(counts: np.ndarray, thresholds, tolerance: float) -> list[dict]:
+    """counts (images, thresholds, 5) -> one metrics dict per threshold."""
+    tp_pred, n_pred, tp_gt, n_gt, inter = np.moveaxis(counts.sum(axis=0), -1, 0)
+    precision, recall = _ratio(tp_pred, n_pred), _ratio(tp_gt, n_gt)
+    f1, dice, iou = (
+        _f1(precision, recall),
+        _ratio(2 * inter, n_pred + n_gt),
+        _ratio(inter, n_pred + n_gt - inter),
+    )
+    # Per-image F1 is averaged over images that contain a crack: for a crack-free image F1 is
+    # undefined (0/0 when nothing is predicted), and such images would swamp the mean.
+    per_image = _f1(_ratio(counts[..., 0], counts[..., 1]), _ratio(counts[..., 2], counts[..., 3]))
+    has_crack = counts[:, 0, 3] > 0
+    f1_per_image = (
+        per_image[has_crack].mean(axis=0) if has_crack.any() else np.zeros(len(thresholds))
+    )
+    return [
+        {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "f1_per_image": float(f1_per_image[i]),
+            "dice": float(dice[i]),
+            "iou": float(iou[i]),
+            "threshold": float(t),
+            "tolerance": float(tolerance),
+            "images": int(counts.shape[0]),
+        }
+        for i, t in enumerate(thresholds)
+    ]
+
+
+def _all_counts(preds, gts, tolerance, thresholds) -> np.ndarray:
+    if len(preds) == 0:
+        raise ValueError("need at least one prediction map")
+    pairs = zip(preds, gts, strict=True)
+    return np.stack([_image_counts(p, g, tolerance, thresholds) for p, g in pairs])
+
+
+def pixel_metrics(preds, gts, threshold: float, tolerance: float = 2) -> dict:
+    """Pooled precision/recall/F1 with tolerance, mean per-image F1, plain Dice and IoU.
+
+    `preds` are probability maps, `gts` boolean masks of the same shapes (one pair per image).
+    """
+    return _summaries(_all_counts(preds, gts, tolerance, [threshold]), [threshold], tolerance)[0]
+
+
+def sweep_pixel_threshold(
+    preds, gts, tolerance: float = 2, thresholds=PIXEL_THRESHOLDS
+) -> tuple[float, dict]:
+    """(threshold, metrics) maximising pooled F1; pick it on validation, then apply to test.
+    Ties go to the lowest threshold (higher recall)."""
+    thresholds = [float(t) for t in thresholds]
+    summaries = _summaries(_all_counts(preds, gts, tolerance, thresholds), thresholds, tolerance)
+    best = max(range(len(thresholds)), key=lambda i: (summaries[i]["f1"], -thresholds[i]))
+    return thresholds[best], summaries[best]

@@ -1,0 +1,352 @@
+"""Ray Train: `train_fn_per_worker` runs on every worker; `build_trainer` and `run_training`
+are the driver side. One epoch of maths lives in `engine.py`; this file adds the distributed
+parts: dataset shards, checkpoints, early stopping, resume and rank-0 tracking.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+
+from crackray import checkpoints
+from crackray.config import RunConfig, flatten, save_resolved
+from crackray.data.pipeline import (
+    TEST,
+    TRAIN,
+    VAL,
+    ExactEvalDataConfig,
+    build_dataset,
+    epoch_rows,
+    iterate_batches,
+    positive_repeats,
+)
+from crackray.data.prepare import prepare_synthetic
+from crackray.data.shards import verify_dataset
+from crackray.engine import EvalOutputs, Objective, evaluate, gather, train_one_epoch
+from crackray.evaluation import (
+    log_decision_artifacts,
+    pixel_split_metrics,
+    split_metrics,
+    test_report,
+)
+from crackray.losses import resolve_pos_weight
+from crackray.models import create_model
+from crackray.optim import Schedule, build_optimizer
+from crackray.tracking import Tracker, git_commit, versions
+
+SEGMENTATION_MODELS = ("segdec", "segdec_tiny")
+
+
+def is_segmentation(cfg: RunConfig) -> bool:
+    return cfg.model.name in SEGMENTATION_MODELS
+
+
+@dataclass
+class TrainingState:
+    """What must survive a restart besides weights: progress, early stopping, history."""
+
+    next_epoch: int = 0
+    best_score: float = -math.inf
+    best_epoch: int = -1
+    stale_epochs: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    def record(self, epoch: int, metrics: dict, score: float, min_delta: float) -> bool:
+        """Store the epoch's metrics; True if `score` beats the best by more than min_delta."""
+        self.history.append({"epoch": epoch, **metrics})
+        self.next_epoch = epoch + 1
+        if not math.isnan(score) and score > self.best_score + min_delta:
+            self.best_score, self.best_epoch, self.stale_epochs = score, epoch, 0
+            return True
+        self.stale_epochs += 1
+        return False
+
+
+def selection_score(cfg: RunConfig, metrics: dict) -> float:
+    """The validation score that picks the best checkpoint (and drives early stopping)."""
+    if not is_segmentation(cfg) or cfg.train.best_model == "dec":
+        return metrics["val/f1"]
+    if cfg.train.best_model == "seg":
+        return metrics["val/pixel_f1"]
+    return (metrics["val/f1"] + metrics["val/pixel_f1"]) / 2
+
+
+class EpochLogger:
+    """Rank 0's view of the MLflow run: per-epoch metrics, artifacts on improvement."""
+
+    def __init__(self, tracking: dict, segmentation: bool):
+        self.tracker = Tracker(tracking["uri"])
+        self.run_id = tracking["run_id"]
+        self.segmentation = segmentation
+
+    def catch_up(self, history: list[dict]) -> None:
+        """Log epochs that a restored checkpoint knows but MLflow does not (a crash between
+        checkpoint and logging); epochs MLflow already has are never logged twice."""
+        logged = self.tracker.logged_steps(self.run_id, "val/f1")
+        for row in history:
+            if row["epoch"] not in logged:
+                self.tracker.log_metrics(self.run_id, _numeric(row), step=row["epoch"])
+
+    def log_epoch(self, epoch: int, metrics: dict, val: EvalOutputs, improved: bool,
+                  best_file: Path | None) -> None:
+        self.tracker.log_metrics(self.run_id, _numeric(metrics), step=epoch)
+        if improved:
+            log_decision_artifacts(self.tracker, self.run_id, val, 0.5, "val")
+            self.tracker.log_artifact(self.run_id, best_file, "checkpoints")
+            self.tracker.set_tags(self.run_id, {"crackray.best_epoch": epoch})
+
+
+def _numeric(row: dict) -> dict:
+    return {k: v for k, v in row.items()
+            if isinstance(v, int | float) and k not in ("epoch", "epochs_planned")}
+
+
+def train_fn_per_worker(config: dict) -> None:
+    """The Ray Train loop: the same code on every worker; rank 0 also checkpoints and logs."""
+    cfg = RunConfig.model_validate(config["run"])
+    rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device()
+    segmentation = is_segmentation(cfg)
+    torch.manual_seed(cfg.train.seed)
+
+    model = create_model(cfg.model.name, pretrained=cfg.model.pretrained,
+                         dropout=cfg.model.dropout, image_size=cfg.data.image_size)
+    if segmentation:
+        model.gradient_adjustment = cfg.train.gradient_adjustment
+    model = ray.train.torch.prepare_model(model)
+    objective = Objective(cfg, config["pos_weight"], segmentation)
+    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    schedule = Schedule(optimizer, cfg.optim, cfg.train.epochs, config["steps_per_epoch"])
+    state, best_weights = TrainingState(), None
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            saved = torch.load(Path(folder) / checkpoints.STATE_FILE, weights_only=True)
+            best_weights = checkpoints.load_model_file(Path(folder) / checkpoints.BEST_FILE)["model_state"]
+        checkpoints.unwrap(model).load_state_dict(saved["model_state"])
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["schedule"])
+        state = TrainingState(**saved["training_state"])
+
+    logger = None
+    if rank == 0 and config.get("tracking"):
+        logger = EpochLogger(config["tracking"], segmentation)
+        logger.catch_up(state.history)
+
+    bf16, epochs = cfg.train.bf16, cfg.train.epochs
+    for epoch in range(state.next_epoch, epochs):
+        train_batches = iterate_batches(
+            ray.train.get_dataset_shard(TRAIN), cfg.train.batch_size, device, shuffle=True
+        )
+        train_stats = train_one_epoch(
+            model, train_batches, objective, optimizer, epoch=epoch, epochs=epochs,
+            schedule=schedule, grad_clip=cfg.train.grad_clip, bf16=bf16, device=device,
+        )
+        val_batches = iterate_batches(ray.train.get_dataset_shard(VAL), cfg.train.eval_batch_size, device)
+        # The plain module, not DDP: DDP's forward broadcasts buffers, a collective that hangs
+        # when the disjoint evaluation shards give the workers different batch counts.
+        val = gather(evaluate(checkpoints.unwrap(model), val_batches, objective, epoch=epoch, epochs=epochs, bf16=bf16,
+                              device=device, keep_seg_maps=segmentation))
+        metrics = {f"train/{k}": v for k, v in train_stats.items()}
+        metrics.update(split_metrics(val, VAL))
+        if segmentation:
+            metrics.update(pixel_split_metrics(val, VAL)[1])
+        metrics["epoch"] = epoch
+        metrics["epochs_planned"] = epochs
+        improved = state.record(epoch, metrics, selection_score(cfg, metrics),
+                                cfg.train.early_stopping_min_delta)
+        schedule.step_epoch(metrics["val/f1"])
+        if improved:
+            best_weights = checkpoints.cpu_state(model)
+        stop = state.stale_epochs >= cfg.train.early_stopping_patience
+        metrics["early_stopped"] = int(stop)
+
+        with tempfile.TemporaryDirectory() as folder:
+            report_checkpoint, best_file = None, None
+            if rank == 0:
+                torch.save({
+                    "model_state": checkpoints.cpu_state(model),
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "training_state": asdict(state),
+                }, Path(folder) / checkpoints.STATE_FILE)
+                best_file = checkpoints.save_model_file(
+                    Path(folder) / checkpoints.BEST_FILE, best_weights, cfg,
+                    epoch=state.best_epoch, val_score=state.best_score,
+                )
+                report_checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=report_checkpoint,
+                             checkpoint_dir_name=f"epoch-{epoch:04d}")
+            if logger:
+                logger.log_epoch(epoch, metrics, val, improved, best_file)
+        if stop:
+            break
+    if logger:
+        logger.tracker.flush(timeout_s=60)
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver side
+
+
+def resolve_data(cfg: RunConfig) -> tuple[RunConfig, dict]:
+    """Make `data.path` absolute (workers run elsewhere), create demo data if asked, verify
+    the shards against their manifest; returns the updated config and the manifest."""
+    path = Path(cfg.data.path).expanduser().resolve()
+    if not path.exists() and cfg.data.synthetic_if_missing:
+        print(f"crackray: making {cfg.data.synthetic_n} synthetic demo tiles in {path}")
+        prepare_synthetic(path, n=cfg.data.synthetic_n, seed=cfg.train.seed)
+    cfg = cfg.model_copy(deep=True)
+    cfg.data.path = str(path)
+    return cfg, verify_dataset(path)
+
+
+def train_counts(manifest: dict) -> tuple[int, int]:
+    totals = manifest["totals"][TRAIN]
+    return totals["crack"], totals["no_crack"]
+
+
+def run_params(cfg: RunConfig, manifest: dict) -> dict:
+    return {
+        **flatten(cfg.model_dump()),
+        "data.digest": manifest["digest"],
+        "data.dataset": manifest["dataset"],
+        "git_commit": git_commit(),
+        **versions(),
+    }
+
+
+def build_trainer(
+    cfg: RunConfig,
+    manifest: dict,
+    *,
+    tracking: dict | None,
+    name: str,
+    storage_path: str,
+    callbacks: list | None = None,
+) -> ray.train.torch.TorchTrainer:
+    """The TorchTrainer of one run: workers, datasets, checkpointing and failure policy."""
+    n_pos, n_neg = train_counts(manifest)
+    repeats = positive_repeats(cfg, n_pos, n_neg)
+    rows_per_worker = epoch_rows(cfg, n_pos, n_neg) // cfg.train.workers
+    segmentation = is_segmentation(cfg)
+    datasets = {
+        TRAIN: build_dataset(cfg, TRAIN, with_masks=segmentation, positive_repeats=repeats),
+        VAL: build_dataset(cfg, VAL, with_masks=segmentation),
+    }
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if cfg.train.use_gpu:
+        resources["GPU"] = 1
+    return ray.train.torch.TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={
+            "run": cfg.model_dump(),
+            "pos_weight": resolve_pos_weight(cfg.loss, n_pos, n_neg),
+            "steps_per_epoch": max(1, math.ceil(rows_per_worker / cfg.train.batch_size)),
+            "tracking": tracking,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
+            resources_per_worker=resources,
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=callbacks,
+        ),
+        datasets=datasets,
+        dataset_config=ExactEvalDataConfig(),
+    )
+
+
+def predict_split(model: torch.nn.Module, cfg: RunConfig, split: str,
+                  device: torch.device | None = None) -> EvalOutputs:
+    """Evaluate a model on a whole split in this process (test, select, report)."""
+    device = device or torch.device("cpu")
+    segmentation = is_segmentation(cfg)
+    objective = Objective(cfg, 1.0, segmentation)
+    dataset = build_dataset(cfg, split, with_masks=segmentation)
+    batches = iterate_batches(dataset, cfg.train.eval_batch_size, device)
+    return evaluate(model.to(device), batches, objective, device=device,
+                    keep_seg_maps=segmentation)
+
+
+def evaluate_on_test(tracker: Tracker, run_id: str, model_file: Path) -> dict[str, float]:
+    """Test once, with the best checkpoint: metrics at 0.5 and at the val-F1 threshold, the
+    per-surface table and the test confusion matrix / curves, all logged to the run."""
+    model, cfg, _ = checkpoints.build_model_from_file(model_file)
+    val, test = predict_split(model, cfg, VAL), predict_split(model, cfg, TEST)
+    threshold, metrics = test_report(val, test)
+    if is_segmentation(cfg):
+        pixel_threshold, _ = pixel_split_metrics(val, VAL)
+        metrics.update(pixel_split_metrics(test, TEST, pixel_threshold)[1])
+    tracker.log_metrics(run_id, metrics)
+    log_decision_artifacts(tracker, run_id, test, threshold, "test")
+    return metrics
+
+
+@dataclass
+class TrainingResult:
+    run_id: str
+    best_model: Path
+    history: list[dict]
+    test_metrics: dict[str, float]
+    seconds: float
+
+
+def run_training(cfg: RunConfig, *, resume: bool = False, storage_path: str = "ray_results",
+                 experiment: str | None = None) -> TrainingResult:
+    """`crackray train`: one Ray Train run tracked as one MLflow run, then one test pass."""
+    start = time.perf_counter()
+    cfg, manifest = resolve_data(cfg)
+    tracker = Tracker(cfg.tracking.uri)
+    tracker.check_reachable()
+    experiment = experiment or cfg.tracking.experiment or "crackray"
+    storage = str(Path(storage_path).expanduser().resolve()) if "://" not in storage_path else storage_path
+
+    name = _resumable_run_name(tracker, experiment) if resume else None
+    name = name or f"train-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_id = tracker.find_or_create_run(
+        experiment, f"train/{name}", run_name=name, kind="train",
+        tags={"crackray.ray_run_name": name, "crackray.storage_path": storage},
+    )
+    tracker.log_params(run_id, run_params(cfg, manifest))
+    with tempfile.TemporaryDirectory() as folder:
+        tracker.log_artifact(run_id, save_resolved(cfg, Path(folder) / "config.yaml"))
+
+    ensure_ray()
+    trainer = build_trainer(cfg, manifest, tracking={"uri": tracker.uri, "run_id": run_id},
+                            name=name, storage_path=storage)
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as folder:
+        best = Path(tempfile.mkdtemp(prefix="crackray-best-")) / checkpoints.BEST_FILE
+        best.write_bytes((Path(folder) / checkpoints.BEST_FILE).read_bytes())
+        history = torch.load(Path(folder) / checkpoints.STATE_FILE,
+                             weights_only=True)["training_state"]["history"]
+    test_metrics = evaluate_on_test(tracker, run_id, best)
+    tracker.end_run(run_id, "FINISHED")
+    tracker.flush(timeout_s=60)
+    return TrainingResult(run_id, best, history, test_metrics, time.perf_counter() - start)
+
+
+def _resumable_run_name(tracker: Tracker, experiment: str) -> str | None:
+    """The Ray run name of the latest unfinished `train` run of this experiment."""
+    run = tracker.latest_run(experiment, kind="train", unfinished=True)
+    return run.data.tags.get("crackray.ray_run_name") if run else None
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to `address`, or start a local Ray once per process (the embedded default)."""
+    if not ray.is_initialized():
+        ray.init(address=address, configure_logging=True, logging_level="WARNING")

@@ -1,0 +1,57 @@
+"""Shared fixtures. `import crackray` first: it makes torchvision importable on CPU torch."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import crackray  # noqa: F401  (before anything imports torchvision)
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+SDNET = SHARED_DATA / "sdnet2018"
+CFD = SHARED_DATA / "crackforest_cfd"
+
+
+def require(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"real data not found at {path} (it lives in ../shared/data beside the clone)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory):
+    """One local Ray for the whole test session, 2 CPUs, temp dir inside pytest's tmp."""
+    import ray
+
+    temp = Path(tempfile_short())
+    ray.init(num_cpus=2, _temp_dir=str(temp), configure_logging=True, logging_level="ERROR",
+             include_dashboard=False)
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def tempfile_short() -> str:
+    """Ray's socket paths must stay under 107 bytes: use a short folder under /tmp."""
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="cr-ray-", dir="/tmp")
+
+
+@pytest.fixture()
+def cli(tmp_path):
+    """Run the `crackray` command in `tmp_path`; returns CompletedProcess."""
+
+    def run(*args, env=None, timeout=600, cwd=None):
+        full_env = {**os.environ, **(env or {})}
+        full_env.pop("MLFLOW_TRACKING_URI", None) if env is None else None
+        return subprocess.run(
+            [str(Path(os.sys.executable).parent / "crackray"), *map(str, args)],
+            cwd=cwd or tmp_path, env=full_env, capture_output=True, text=True, timeout=timeout,
+        )
+
+    return run
