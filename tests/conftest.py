@@ -47,11 +47,11 @@ def cli(tmp_path):
     """Run the `crackray` command in `tmp_path`; returns CompletedProcess."""
 
     def run(*args, env=None, timeout=600, cwd=None):
-        full_env = {**os.environ, **(env or {})}
-        full_env.pop("MLFLOW_TRACKING_URI", None) if env is None else None
+        # The tests' own store, never the developer's: drop an inherited tracking URI.
+        inherited = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
         return subprocess.run(
             [str(Path(os.sys.executable).parent / "crackray"), *map(str, args)],
-            cwd=cwd or tmp_path, env=full_env, capture_output=True, text=True, timeout=timeout,
+            cwd=cwd or tmp_path, env={**inherited, **(env or {})}, capture_output=True, text=True, timeout=timeout,
         )
 
     return run

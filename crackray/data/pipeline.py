@@ -57,7 +57,17 @@ def prepare_batch(
     return out
 
 
+def _quiet_progress() -> None:
+    """Training epochs re-run the pipeline every epoch; per-operator progress bars from every
+    worker would bury the trial table, so they are off (Ray Data's own logs keep the detail)."""
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.enable_operator_progress_bars = False
+    context.print_on_execution_start = False
+
+
 def _read(files: list[str], with_masks: bool) -> ray.data.Dataset:
+    _quiet_progress()
     columns = _COLUMNS + (_MASK_COLUMNS if with_masks else [])
     return ray.data.read_parquet(files, columns=columns)
 

@@ -1,0 +1,151 @@
+"""Tuning jobs end to end: MLflow parent + one child per trial, ASHA pruning reaching Optuna
+as PRUNED, and resume after the driver is SIGKILLed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_BASE = {
+    "data": {"path": "data/demo", "synthetic_if_missing": True, "synthetic_n": 96,
+             "image_size": 32},
+    "model": {"name": "test_tiny"},
+    "train": {"epochs": 2, "batch_size": 16, "early_stopping_patience": 5},
+}
+
+
+def write_space(folder: Path, *, search: dict, tune: dict, base: dict | None = None) -> Path:
+    path = folder / "tiny.yaml"
+    tune = {"workers_per_trial": 2, "cpus_per_worker": 0.5, "max_concurrent_trials": 1, **tune}
+    path.write_text(yaml.safe_dump({"base": base or TINY_BASE, "search": search, "tune": tune}))
+    return path
+
+
+def runs_of(store: Path, kind: str):
+    client = MlflowClient(f"sqlite:///{store}")
+    experiment = client.get_experiment_by_name("tiny")
+    return client.search_runs([experiment.experiment_id],
+                              filter_string=f"tags.`crackray.kind` = '{kind}'")
+
+
+def test_three_trials_give_one_parent_three_children(tmp_path, cli):
+    space = write_space(
+        tmp_path,
+        search={"optim.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
+                "loss.name": {"type": "categorical", "choices": ["bce", "focal"]}},
+        tune={"num_samples": 3, "scheduler": {"name": "fifo"}},
+    )
+    result = cli("tune", space)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "top trials by val/f1" in result.stdout
+
+    store = tmp_path / "mlflow.db"
+    parents, children = runs_of(store, "tune"), runs_of(store, "trial")
+    assert len(parents) == 1 and len(children) == 3
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    client = MlflowClient(f"sqlite:///{store}")
+    parent_files = {f.path for f in client.list_artifacts(parent.info.run_id)}
+    assert {"tiny.yaml", "trials.csv", "best_trial.json", "params"} <= parent_files
+    assert {f.path for f in client.list_artifacts(parent.info.run_id, "params")} == {
+        "params/optim.lr.png", "params/loss.name.png"}
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.info.status == "FINISHED"
+        for key in ("val/f1", "val/recall", "val/precision", "val/auroc", "val/loss", "train/loss"):
+            steps = [m.step for m in client.get_metric_history(child.info.run_id, key)]
+            assert sorted(steps) == [0, 1], (key, steps)
+        # The searched params are logged once, with the trial's values.
+        assert float(child.data.params["optim.lr"]) == pytest.approx(
+            float(child.data.params["optim.lr"]))
+        files = {f.path for f in client.list_artifacts(child.info.run_id, "val")}
+        assert "val/confusion_matrix.png" in files and "val/confusion_matrix.json" in files
+        assert [f.path for f in client.list_artifacts(child.info.run_id, "checkpoints")] == [
+            "checkpoints/best_model.pt"]
+    best_id = parent.data.tags["crackray.best_run_id"]
+    best = client.get_run(best_id)
+    assert "test/f1" in best.data.metrics and "test/tuned/f1" in best.data.metrics
+
+
+def test_asha_prunes_a_trial_and_optuna_records_it(tmp_path, cli):
+    # A tiny learning rate next to a sane one: trials sampled with it fall behind at the
+    # first rung (val/loss barely moves) and ASHA stops them there.
+    space = write_space(
+        tmp_path,
+        search={"optim.lr": {"type": "categorical", "choices": [1e-7, 1e-2]}},
+        tune={"num_samples": 4, "metric": "val/loss", "mode": "min", "seed": 3,
+              "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2}},
+        base={**TINY_BASE, "train": {**TINY_BASE["train"], "epochs": 3}},
+    )
+    result = cli("tune", space)
+    assert result.returncode == 0, result.stderr[-3000:]
+    children = runs_of(tmp_path / "mlflow.db", "trial")
+    statuses = {c.data.tags["crackray.trial_id"]: c.data.tags["crackray.trial_status"]
+                for c in children}
+    pruned = [t for t, s in statuses.items() if s == "pruned"]
+    assert pruned, statuses
+    for child in children:
+        if child.data.tags["crackray.trial_status"] == "pruned":
+            assert child.info.status == "KILLED"
+
+    job = runs_of(tmp_path / "mlflow.db", "tune")[0].data.tags["crackray.job_name"]
+    study = optuna.load_study(study_name=job,
+                              storage=f"sqlite:///{tmp_path / 'ray_results' / job / 'optuna.db'}")
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.PRUNED) == len(pruned)
+    assert states.count(optuna.trial.TrialState.COMPLETE) == len(children) - len(pruned)
+
+
+def test_resume_after_sigkill_does_not_rerun_finished_trials(tmp_path):
+    space = write_space(
+        tmp_path,
+        search={"optim.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}},
+        tune={"num_samples": 2, "scheduler": {"name": "fifo"}},
+    )
+    crackray = str(Path(sys.executable).parent / "crackray")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    driver = subprocess.Popen([crackray, "tune", str(space)], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        # The second trial's Train run folder appears once the first trial has finished.
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline:
+            runs = list((tmp_path / "ray_results").glob("*/train_runs/*"))
+            if len(runs) >= 2:
+                break
+            assert driver.poll() is None, "tuning job ended before it could be killed"
+            time.sleep(1)
+        else:
+            pytest.fail("second trial never started")
+        time.sleep(8)  # let Tune write its experiment state with the finished trial
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        driver.wait()
+
+    first = runs_of(tmp_path / "mlflow.db", "trial")
+    assert len(first) >= 1
+    resumed = subprocess.run([crackray, "tune", str(space), "--resume"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    parents = runs_of(tmp_path / "mlflow.db", "tune")
+    children = runs_of(tmp_path / "mlflow.db", "trial")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 2
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for child in children:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val/f1")]
+        assert sorted(steps) == [0, 1], steps  # no epoch trained (or logged) twice
