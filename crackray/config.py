@@ -7,6 +7,7 @@ keys, so a typo is an error that names the key instead of a silently ignored set
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -212,6 +213,9 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """`key=value` strings to a dict; values are parsed as YAML scalars (3e-4, true, [a, b])."""
     out: dict[str, Any] = {}
@@ -220,9 +224,13 @@ def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
             raise ConfigError(f"override '{pair}' must look like key=value")
         key, raw = pair.split("=", 1)
         try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+            value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"{key}: cannot parse value '{raw}': {exc}") from None
+        # YAML 1.1 reads 3e-4 (no dot) as a string; people write learning rates that way.
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            value = float(value)
+        out[key.strip()] = value
     return out
 
 

@@ -1,0 +1,130 @@
+"""Validation on 2 Ray Train workers counts every sample exactly once, and its metrics equal
+an independent single-process computation with scikit-learn (crack = positive class).
+
+The validation split of the real SDNET2018 tiles has an odd size (481), so the two workers'
+shards cannot be equal: padding or dropping rows to even them out would show up here.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn import metrics as skm
+
+from crackray.config import RunConfig
+from crackray.data.pipeline import VAL, ExactEvalDataConfig, build_dataset, iterate_batches
+from crackray.data.prepare import prepare_sdnet2018
+from crackray.data.shards import read_split_table
+from crackray.engine import EvalOutputs, Objective, evaluate, gather
+from crackray.evaluation import split_metrics
+from crackray.metrics import classification_metrics
+from tests.conftest import SDNET, require
+
+pytestmark = pytest.mark.slow
+
+
+def validate_per_worker(config: dict) -> None:
+    """What `train_fn_per_worker` does for validation, and nothing else; results to files."""
+    import ray.train
+
+    cfg = RunConfig.model_validate(config["run"])
+    rank = ray.train.get_context().get_world_rank()
+    torch.manual_seed(0)  # the same weights on both workers, as after DDP's broadcast
+    model = _model(cfg)
+    objective = Objective(cfg, 1.0, segmentation=False)
+    batches = iterate_batches(ray.train.get_dataset_shard(VAL), 16, torch.device("cpu"))
+    local = evaluate(model, batches, objective)
+    everything = gather(local)
+    out = Path(config["out"])
+    (out / f"rank-{rank}.json").write_text(json.dumps({"paths": local.paths.tolist()}))
+    if rank == 0:
+        np.savez(out / "gathered.npz", probs=everything.probs, targets=everything.targets,
+                 paths=everything.paths.astype(str), loss_sum=everything.loss_sum)
+        torch.save(model.state_dict(), out / "model.pt")
+
+
+def _model(cfg: RunConfig):
+    from crackray.models import create_model
+
+    return create_model(cfg.model.name)
+
+
+@pytest.fixture(scope="module")
+def sdnet_val(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "sdnet"
+    prepare_sdnet2018(require(SDNET), out, seed=0)
+    cfg = RunConfig.model_validate({"data": {"path": str(out), "image_size": 32},
+                                    "model": {"name": "test_tiny"}})
+    return cfg, read_split_table(out, VAL, ["path", "label"]).to_pydict()
+
+
+def test_two_worker_validation_counts_each_sample_once_and_matches_sklearn(
+        ray_session, sdnet_val, tmp_path):
+    import ray.cloudpickle
+    import ray.train
+    import ray.train.torch
+
+    # The workers cannot import this test module: ship its functions by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    cfg, table = sdnet_val
+    assert len(table["path"]) % 2 == 1  # odd: the two shards must differ in size
+    trainer = ray.train.torch.TorchTrainer(
+        validate_per_worker,
+        train_loop_config={"run": cfg.model_dump(), "out": str(tmp_path)},
+        scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        run_config=ray.train.RunConfig(name="ddp-metrics", storage_path=str(tmp_path / "ray")),
+        datasets={VAL: build_dataset(cfg, VAL)},
+        dataset_config=ExactEvalDataConfig(),
+    )
+    trainer.fit()
+
+    # Every path of the split exactly once, in the gathered set and across the two shards.
+    gathered = np.load(tmp_path / "gathered.npz", allow_pickle=False)
+    paths = gathered["paths"].tolist()
+    assert Counter(paths) == Counter(table["path"])
+    shards = [json.loads((tmp_path / f"rank-{r}.json").read_text())["paths"] for r in (0, 1)]
+    assert sorted(shards[0] + shards[1]) == sorted(table["path"])
+    assert not set(shards[0]) & set(shards[1])
+    truth = dict(zip(table["path"], table["label"], strict=True))
+    probs, targets = gathered["probs"], gathered["targets"]
+    assert targets.tolist() == [truth[p] for p in paths]
+
+    # An independent single process predicts the same probabilities for the same tiles.
+    model = _model(cfg)
+    model.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    single = evaluate(model, iterate_batches(build_dataset(cfg, VAL), 64, torch.device("cpu")),
+                      Objective(cfg, 1.0, segmentation=False))
+    by_path = dict(zip(single.paths.tolist(), single.probs.tolist(), strict=True))
+    np.testing.assert_allclose(probs, [by_path[p] for p in paths], rtol=1e-4, atol=1e-6)
+
+    # crackray's metrics on the gathered predictions equal scikit-learn's, crack positive.
+    # Random weights give probabilities close together: threshold at their median so that
+    # both classes are predicted and precision / recall are not degenerate.
+    threshold = float(np.median(probs))
+    ours = classification_metrics(probs, targets, threshold=threshold)
+    preds = (probs >= threshold).astype(int)
+    assert 0 < preds.sum() < len(preds)
+    assert ours["samples"] == len(table["path"])
+    assert ours["positives"] == sum(table["label"])
+    assert ours["accuracy"] == pytest.approx(skm.accuracy_score(targets, preds))
+    assert ours["precision"] == pytest.approx(skm.precision_score(targets, preds, pos_label=1))
+    assert ours["recall"] == pytest.approx(skm.recall_score(targets, preds, pos_label=1))
+    assert ours["f1"] == pytest.approx(skm.f1_score(targets, preds, pos_label=1))
+    assert ours["auroc"] == pytest.approx(skm.roc_auc_score(targets, probs), abs=1e-6)
+    (tn, fp), (fn, tp) = skm.confusion_matrix(targets, preds, labels=[0, 1])
+    assert (ours["tn"], ours["fp"], ours["fn"], ours["tp"]) == (tn, fp, fn, tp)
+
+    # val/loss is the mean over all samples, not a mean of per-worker means.
+    logits = torch.logit(torch.tensor(probs, dtype=torch.float64))
+    expected_loss = F.binary_cross_entropy_with_logits(
+        logits, torch.tensor(targets, dtype=torch.float64)).item()
+    val = split_metrics(EvalOutputs(probs=probs, targets=targets,
+                                    loss_sum=float(gathered["loss_sum"])), VAL)
+    assert val["val/loss"] == pytest.approx(expected_loss, rel=1e-4)
