@@ -6,9 +6,13 @@ split, and by `select` / `report`. Crack is the positive class throughout.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import torch
 
 from crackray import plots
+from crackray.data.transforms import to_model_input
 from crackray.engine import EvalOutputs
 from crackray.metrics import (
     best_f1_threshold,
@@ -95,3 +99,21 @@ def test_report(val: EvalOutputs, test: EvalOutputs) -> tuple[float, dict[str, f
     metrics.update(split_metrics(test, "test/tuned", tuned))
     metrics.update(per_surface_metrics(test, "test/surface", tuned))
     return tuned, metrics
+
+
+@torch.no_grad()
+def log_mask_overlays(tracker: Tracker, run_id: str, model: torch.nn.Module, examples: dict,
+                      threshold: float, name: str, device=None) -> None:
+    """Predicted masks of fixed examples (`pipeline.overlay_examples`) over their images,
+    next to the ground truth, as the PNG artifact `name` (segdec only)."""
+    model.eval()
+    dec_logit, seg_logit = model(to_model_input(examples["image"], device))
+    seg = torch.nn.functional.interpolate(
+        torch.sigmoid(seg_logit.float()), size=examples["mask"].shape[-2:], mode="bilinear"
+    )[:, 0]
+    fig = plots.mask_overlay_figure(
+        examples["image"], examples["mask"], seg.cpu().numpy(),
+        torch.sigmoid(dec_logit.float()).cpu().numpy(), threshold, Path(name).stem,
+    )
+    tracker.log_figure(run_id, fig, name)
+    plots.close(fig)

@@ -78,5 +78,34 @@ def param_figure(points: list[tuple], param: str, metric: str, log: bool = False
     return fig
 
 
+def mask_overlay_figure(images, masks, seg_probs, crack_probs, threshold: float, title: str):
+    """One row per image: the image with its ground-truth mask (green), then with the predicted
+    mask at `threshold` (red, over the faint probability map); row titles give p(crack).
+
+    images uint8 (N, H, W, 3); masks (N, H, W) in {0, 1}; seg_probs float (N, H, W) in 0..1.
+    """
+    n = len(images)
+    fig, axes = plt.subplots(n, 2, figsize=(4.4, 2.2 * n), squeeze=False)
+    for row, (image, mask, prob, p_crack) in enumerate(
+        zip(images, masks, seg_probs, crack_probs, strict=True)
+    ):
+        truth, predicted = axes[row]
+        truth.imshow(image)
+        truth.imshow(np.ma.masked_where(mask == 0, mask), cmap="summer", alpha=0.7, vmin=0, vmax=1)
+        truth.set_title("ground truth" if row == 0 else "", fontsize=8)
+        predicted.imshow(image)
+        # Masked below 0.1: the colour map's white end would otherwise wash out the image.
+        predicted.imshow(np.ma.masked_where(prob < 0.1, prob), cmap="Reds", alpha=0.35,
+                         vmin=0, vmax=1)
+        hard = prob >= threshold
+        predicted.imshow(np.ma.masked_where(~hard, hard), cmap="autumn", alpha=0.8)
+        predicted.set_title(f"p(crack) {p_crack:.2f}", fontsize=8)
+        for ax in (truth, predicted):
+            ax.set_axis_off()
+    fig.suptitle(f"{title} (pixel threshold {threshold:.2f})", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def close(fig) -> None:
     plt.close(fig)

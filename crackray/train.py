@@ -6,11 +6,14 @@ parts: dataset shards, checkpoints, early stopping, resume and rank-0 tracking.
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import pyarrow.fs
 import ray
 import ray.train
 import ray.train.torch
@@ -26,6 +29,7 @@ from crackray.data.pipeline import (
     build_dataset,
     epoch_rows,
     iterate_batches,
+    overlay_examples,
     positive_repeats,
 )
 from crackray.data.prepare import prepare_synthetic
@@ -33,6 +37,7 @@ from crackray.data.shards import verify_dataset
 from crackray.engine import EvalOutputs, Objective, evaluate, gather, train_one_epoch
 from crackray.evaluation import (
     log_decision_artifacts,
+    log_mask_overlays,
     pixel_split_metrics,
     split_metrics,
     test_report,
@@ -40,9 +45,15 @@ from crackray.evaluation import (
 from crackray.losses import resolve_pos_weight
 from crackray.models import create_model
 from crackray.optim import Schedule, build_optimizer
+from crackray.sampling import frequency_sampler, keep_rows, lockstep
 from crackray.tracking import Tracker, git_commit, versions
 
 SEGMENTATION_MODELS = ("segdec", "segdec_tiny")
+# Test-only fault injection (tests/test_faults_*.py): a folder where workers record their pid
+# at named points and find the faults the test asks for. Unset in real runs: no effect.
+FAULT_DIR_ENV = "CRACKRAY_TEST_FAULT_DIR"
+# How long rank 0 waits at the end for an absent tracking server to take its buffered writes.
+FLUSH_PATIENCE_S = 300.0
 
 
 def is_segmentation(cfg: RunConfig) -> bool:
@@ -82,10 +93,12 @@ def selection_score(cfg: RunConfig, metrics: dict) -> float:
 class EpochLogger:
     """Rank 0's view of the MLflow run: per-epoch metrics, artifacts on improvement."""
 
-    def __init__(self, tracking: dict, segmentation: bool):
+    def __init__(self, tracking: dict, cfg: RunConfig, segmentation: bool):
         self.tracker = Tracker(tracking["uri"])
         self.run_id = tracking["run_id"]
         self.segmentation = segmentation
+        # segdec: fixed validation images whose predicted masks are drawn every few epochs
+        self.examples = overlay_examples(cfg, VAL) if segmentation else None
 
     def catch_up(self, history: list[dict]) -> None:
         """Log epochs that a restored checkpoint knows but MLflow does not (a crash between
@@ -109,6 +122,43 @@ def _numeric(row: dict) -> dict:
             if isinstance(v, int | float) and k not in ("epoch", "epochs_planned")}
 
 
+def fault_point(fault_dir: str | None, point: str, rank: int) -> None:
+    """Test-only: write `<point>.rank<R>.pid`; then, on rank 0, raise while the counter in
+    `<point>.raise` is positive (decremented per raise), and on every rank wait while
+    `<point>.hold` exists (the test kills this process meanwhile)."""
+    if not fault_dir:
+        return
+    folder = Path(fault_dir)
+    (folder / f"{point}.rank{rank}.pid").write_text(str(os.getpid()))
+    counter = folder / f"{point}.raise"
+    if rank == 0 and counter.exists() and int(counter.read_text() or 0) > 0:
+        counter.write_text(str(int(counter.read_text()) - 1))
+        raise RuntimeError(f"injected test fault at {point}")
+    deadline = time.monotonic() + 300
+    while (folder / f"{point}.hold").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def restart_candidates(run_folder: str | None) -> list[ray.train.Checkpoint]:
+    """Checkpoints to restart from, best first: epoch folders of this run newer than Ray's
+    latest registered checkpoint, then that one. The controller registers a report only at
+    its next poll of the workers, so a worker dying in between loses the registration, yet
+    rank 0 has already written that checkpoint and logged its epoch to MLflow: restarting
+    from the older one would train and log that epoch twice."""
+    registered = ray.train.get_checkpoint()
+    newer = []
+    if run_folder:
+        filesystem, root = pyarrow.fs.FileSystem.from_uri(run_folder)
+        selector = pyarrow.fs.FileSelector(root, allow_not_found=True)
+        known = Path(registered.path).name if registered else ""
+        folders = sorted((e.path for e in filesystem.get_file_info(selector)
+                          if e.type == pyarrow.fs.FileType.Directory
+                          and e.base_name.startswith("epoch-") and e.base_name > known),
+                         reverse=True)
+        newer = [ray.train.Checkpoint(path, filesystem=filesystem) for path in folders]
+    return newer + ([registered] if registered else [])
+
+
 def train_fn_per_worker(config: dict) -> None:
     """The Ray Train loop: the same code on every worker; rank 0 also checkpoints and logs."""
     cfg = RunConfig.model_validate(config["run"])
@@ -116,41 +166,57 @@ def train_fn_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     segmentation = is_segmentation(cfg)
     torch.manual_seed(cfg.train.seed)
+    fault_point(config.get("fault_dir"), "start", rank)
 
     model = create_model(cfg.model.name, pretrained=cfg.model.pretrained,
                          dropout=cfg.model.dropout, image_size=cfg.data.image_size)
     if segmentation:
         model.gradient_adjustment = cfg.train.gradient_adjustment
+    if device.type == "cuda":
+        # Batches arrive channels-last (transforms.to_model_input); weights in the same layout
+        # let cuDNN pick its NHWC kernels instead of converting at every convolution.
+        model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
     objective = Objective(cfg, config["pos_weight"], segmentation)
     optimizer = build_optimizer(model.parameters(), cfg.optim)
     schedule = Schedule(optimizer, cfg.optim, cfg.train.epochs, config["steps_per_epoch"])
     state, best_weights = TrainingState(), None
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            saved = torch.load(Path(folder) / checkpoints.STATE_FILE, weights_only=True)
-            best_weights = checkpoints.load_model_file(Path(folder) / checkpoints.BEST_FILE)["model_state"]
+    for checkpoint in restart_candidates(config.get("run_folder")):
+        try:
+            with checkpoint.as_directory() as folder:
+                saved = torch.load(Path(folder) / checkpoints.STATE_FILE, weights_only=True)
+                best_weights = checkpoints.load_model_file(
+                    Path(folder) / checkpoints.BEST_FILE)["model_state"]
+        except Exception as exc:  # noqa: BLE001 - half-written by a dying worker: try older
+            warnings.warn(f"skipping unreadable checkpoint {checkpoint.path}: {exc}", stacklevel=1)
+            continue
         checkpoints.unwrap(model).load_state_dict(saved["model_state"])
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
         state = TrainingState(**saved["training_state"])
+        break
 
     logger = None
     if rank == 0 and config.get("tracking"):
-        logger = EpochLogger(config["tracking"], segmentation)
+        logger = EpochLogger(config["tracking"], cfg, segmentation)
         logger.catch_up(state.history)
 
     bf16, epochs = cfg.train.bf16, cfg.train.epochs
+    sampler = frequency_sampler(cfg)  # None unless data.frequency_sampling
     for epoch in range(state.next_epoch, epochs):
         train_batches = iterate_batches(
-            ray.train.get_dataset_shard(TRAIN), cfg.train.batch_size, device, shuffle=True
+            ray.train.get_dataset_shard(TRAIN), cfg.train.batch_size, device, shuffle=True,
+            keep=keep_rows(sampler.selection(epoch)) if sampler else None,
         )
+        if sampler:
+            train_batches = lockstep(train_batches, device)
         train_stats = train_one_epoch(
             model, train_batches, objective, optimizer, epoch=epoch, epochs=epochs,
             schedule=schedule, grad_clip=cfg.train.grad_clip, bf16=bf16, device=device,
         )
+        # Mid-epoch: trained but neither evaluated nor checkpointed.
+        fault_point(config.get("fault_dir"), f"epoch{epoch}", rank)
         val_batches = iterate_batches(ray.train.get_dataset_shard(VAL), cfg.train.eval_batch_size, device)
         # The plain module, not DDP: DDP's forward broadcasts buffers, a collective that hangs
         # when the disjoint evaluation shards give the workers different batch counts.
@@ -188,10 +254,16 @@ def train_fn_per_worker(config: dict) -> None:
                              checkpoint_dir_name=f"epoch-{epoch:04d}")
             if logger:
                 logger.log_epoch(epoch, metrics, val, improved, best_file)
+                last = stop or epoch == epochs - 1
+                if segmentation and ((epoch + 1) % cfg.train.log_masks_every == 0 or last):
+                    log_mask_overlays(logger.tracker, logger.run_id, checkpoints.unwrap(model),
+                                      logger.examples, metrics["val/pixel_threshold"],
+                                      f"masks/val-epoch-{epoch:04d}.png", device)
         if stop:
             break
-    if logger:
-        logger.tracker.flush(timeout_s=60)
+    if logger and not logger.tracker.flush(timeout_s=FLUSH_PATIENCE_S):
+        warnings.warn(f"MLflow unreachable for {FLUSH_PATIENCE_S:.0f} s after training: "
+                      "the last tracking writes of this run are lost", stacklevel=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,6 +280,19 @@ def resolve_data(cfg: RunConfig) -> tuple[RunConfig, dict]:
     cfg = cfg.model_copy(deep=True)
     cfg.data.path = str(path)
     return cfg, verify_dataset(path)
+
+
+def warn_one_class_splits(manifest: dict) -> None:
+    """Say up front when a split lacks crack-free samples: its decision precision and AUROC
+    are then undefined (NaN, left out of MLflow), not a perfect 1.0."""
+    for split, totals in manifest["totals"].items():
+        if totals["samples"] and totals["no_crack"] == 0:
+            warnings.warn(
+                f"data: the {split} split of {manifest['dataset']} has no crack-free sample, so "
+                "its decision precision and AUROC are undefined and not logged; for CrackForest "
+                "prepare with --tile N to get crack-free tiles as negatives",
+                stacklevel=2,
+            )
 
 
 def train_counts(manifest: dict) -> tuple[int, int]:
@@ -253,6 +338,8 @@ def build_trainer(
             "pos_weight": resolve_pos_weight(cfg.loss, n_pos, n_neg),
             "steps_per_epoch": max(1, math.ceil(rows_per_worker / cfg.train.batch_size)),
             "tracking": tracking,
+            "fault_dir": os.environ.get(FAULT_DIR_ENV),
+            "run_folder": f"{storage_path}/{name}",
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
@@ -310,6 +397,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, storage_path: str = "r
     """`crackray train`: one Ray Train run tracked as one MLflow run, then one test pass."""
     start = time.perf_counter()
     cfg, manifest = resolve_data(cfg)
+    warn_one_class_splits(manifest)
     tracker = Tracker(cfg.tracking.uri)
     tracker.check_reachable()
     experiment = experiment or cfg.tracking.experiment or "crackray"
@@ -347,6 +435,10 @@ def _resumable_run_name(tracker: Tracker, experiment: str) -> str | None:
 
 
 def ensure_ray(address: str | None = None) -> None:
-    """Connect to `address`, or start a local Ray once per process (the embedded default)."""
+    """Connect to `address` (or $RAY_ADDRESS, set inside a Ray job), or start a local Ray
+    once per process (the embedded default)."""
     if not ray.is_initialized():
+        # "local", not None: with None, ray.init attaches to the newest Ray started on this
+        # machine by anyone (/tmp/ray/ray_current_cluster), and hangs if that one has died.
+        address = address or os.environ.get("RAY_ADDRESS") or "local"
         ray.init(address=address, configure_logging=True, logging_level="WARNING")

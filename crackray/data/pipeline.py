@@ -15,7 +15,7 @@ import ray.train
 
 from crackray.config import RunConfig
 from crackray.data import transforms
-from crackray.data.shards import split_files
+from crackray.data.shards import read_split_table, split_files
 
 TRAIN, VAL, TEST = "train", "val", "test"
 _COLUMNS = ["image", "label", "surface", "path", "sha256"]
@@ -69,7 +69,16 @@ def _quiet_progress() -> None:
 def _read(files: list[str], with_masks: bool) -> ray.data.Dataset:
     _quiet_progress()
     columns = _COLUMNS + (_MASK_COLUMNS if with_masks else [])
-    return ray.data.read_parquet(files, columns=columns)
+    # Ray 2.60's DataSourceV2 Parquet reader lists files and reads footers in freshly started
+    # actors on every execution, i.e. every epoch: 5-25 s of process start-up per epoch on a
+    # small machine (`crackray bench ingest`). The V1 reader reads footers once, here.
+    context = ray.data.DataContext.get_current()
+    previous = getattr(context, "use_datasource_v2", False)
+    context.use_datasource_v2 = False
+    try:
+        return ray.data.read_parquet(files, columns=columns)
+    finally:
+        context.use_datasource_v2 = previous
 
 
 def dataset_has_masks(files: list[str]) -> bool:
@@ -85,9 +94,13 @@ def positive_repeats(cfg: RunConfig, n_pos: int, n_neg: int) -> int:
 
 
 def epoch_rows(cfg: RunConfig, n_pos: int, n_neg: int) -> int:
-    """Training rows per epoch after negative filtering and oversampling."""
+    """Training rows per epoch after negative filtering, oversampling and (frequency
+    sampling) drawing as many negatives as there are positives."""
+    positives = n_pos * positive_repeats(cfg, n_pos, n_neg)
     negatives = n_neg if cfg.data.use_negatives else 0
-    return negatives + n_pos * positive_repeats(cfg, n_pos, n_neg)
+    if cfg.data.frequency_sampling:
+        negatives = min(negatives, positives)
+    return negatives + positives
 
 
 def build_dataset(
@@ -113,7 +126,8 @@ def build_dataset(
             "image_size": cfg.data.image_size,
             "augment_strength": cfg.data.augment if train else 0.0,
             "with_masks": with_masks,
-            "dilate": cfg.data.dilate,
+            # Pixel metrics compare against the raw ground truth: dilate training masks only.
+            "dilate": cfg.data.dilate if train else 1,
             "segmented_fraction": cfg.data.segmented_fraction if train else 1.0,
         },
     )
@@ -121,22 +135,62 @@ def build_dataset(
 
 
 
+def _filtered(batches: Iterator[dict], keep, batch_size: int) -> Iterator[dict]:
+    """Rows where `keep(batch)` is True, re-cut into full batches, so that filtering does not
+    leave many small ones (noisy BatchNorm statistics, wasted steps)."""
+    pending: list[dict] = []
+    held = 0
+    for batch in batches:
+        rows = keep(batch)
+        if rows.any():
+            pending.append({k: v[rows] for k, v in batch.items()})
+            held += int(rows.sum())
+        while held >= batch_size:
+            merged = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
+            yield {k: v[:batch_size] for k, v in merged.items()}
+            pending, held = [{k: v[batch_size:] for k, v in merged.items()}], held - batch_size
+    if held:
+        yield {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
+
+
+def overlay_examples(cfg: RunConfig, split: str, count: int = 6) -> dict[str, np.ndarray]:
+    """A fixed handful of decoded rows with masks (two thirds cracks, spread over the split by
+    path) whose predicted masks are drawn as MLflow artifacts during training."""
+    table = read_split_table(cfg.data.path, split, columns=_COLUMNS + _MASK_COLUMNS)
+    order = np.argsort(np.asarray(table.column("path").to_pylist(), dtype=object))
+    labels = table.column("label").to_numpy()[order]
+    positives, negatives = order[labels == 1], order[labels == 0]
+    n_neg = min(len(negatives), count // 3)
+    n_pos = min(len(positives), count - n_neg)
+    picks = [part[np.linspace(0, len(part) - 1, n).round().astype(int)]
+             for part, n in ((positives, n_pos), (negatives, n_neg)) if n]
+    rows = table.take(np.concatenate(picks)).to_pydict()
+    batch = {key: np.asarray(values, dtype=object) for key, values in rows.items()}
+    batch["label"] = batch["label"].astype(np.int64)
+    return prepare_batch(batch, image_size=cfg.data.image_size, augment_strength=0.0,
+                         with_masks=True, dilate=1)
+
+
 def iterate_batches(
-    shard, batch_size: int, device, *, shuffle: bool = False
+    shard, batch_size: int, device, *, shuffle: bool = False, keep=None
 ) -> Iterator[dict]:
     """A worker's shard (DataIterator or Dataset) -> dicts of torch tensors on `device`.
 
     `image` is normalised float NCHW (channels_last memory), `label` float; string columns
     (`surface`, `path`) stay numpy arrays for per-surface metrics and error galleries.
+    `keep(numpy batch) -> bool rows` drops rows after decoding (frequency sampling).
     """
     import torch
 
-    for batch in shard.iter_batches(
+    batches = shard.iter_batches(
         batch_size=batch_size,
         batch_format="numpy",
         local_shuffle_buffer_size=4 * batch_size if shuffle else None,
         prefetch_batches=2,
-    ):
+    )
+    if keep is not None:
+        batches = _filtered(batches, keep, batch_size)
+    for batch in batches:
         out = {
             "image": transforms.to_model_input(batch["image"], device),
             "label": torch.tensor(batch["label"], device=device),
