@@ -23,8 +23,11 @@ STORED_FORMATS = ("JPEG", "PNG")
 
 def _open_checked(data: bytes, max_pixels: int | None) -> Image.Image:
     """Open (header only) and refuse images above the pixel limit."""
-    image = Image.open(io.BytesIO(data))
     limit = MAX_PIXELS if max_pixels is None else max_pixels
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:  # Pillow's own, stricter check beyond 2x its limit
+        raise DataError(f"{exc} (exceeds crackray's limit of {limit} pixels)") from None
     width, height = image.size
     if width * height > limit:
         image.close()

@@ -9,6 +9,7 @@ travel between Ray processes four times smaller.
 from __future__ import annotations
 
 import hashlib
+import warnings
 
 import numpy as np
 import torch
@@ -75,8 +76,14 @@ def augment(
     gain = 1.0 + strength * rng.uniform(-0.2, 0.2, size=(n, 1, 1, 1)).astype(np.float32)
     bias = strength * rng.uniform(-20, 20, size=(n, 1, 1, 1)).astype(np.float32)
     mean = images.mean(axis=(1, 2, 3), keepdims=True, dtype=np.float32)
-    jittered = (images.astype(np.float32) - mean) * gain + mean + bias
-    return np.clip(jittered, 0, 255).astype(np.uint8), masks
+    # (x - mean) * gain + mean + bias, in place in one float buffer: the same arithmetic in
+    # the same order without four temporary copies of the batch.
+    jittered = images.astype(np.float32)
+    jittered -= mean
+    jittered *= gain
+    jittered += mean
+    jittered += bias
+    return np.clip(jittered, 0, 255, out=jittered).astype(np.uint8), masks
 
 
 def _geometric(array: np.ndarray, k: int, flip: bool) -> np.ndarray:
@@ -87,11 +94,19 @@ def _geometric(array: np.ndarray, k: int, flip: bool) -> np.ndarray:
 def to_model_input(images: np.ndarray | torch.Tensor, device=None) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> normalised float32 (B, 3, H, W) in channels-last memory layout."""
     if isinstance(images, np.ndarray) and not images.flags.writeable:
-        images = images.copy()  # Ray hands out read-only views; torch wants writable memory
-    tensor = torch.as_tensor(images)
+        # Ray hands out read-only views. Nothing writes to this tensor (`.float()` below
+        # copies), so skip torch's warning instead of copying the batch.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            tensor = torch.as_tensor(images)
+    else:
+        tensor = torch.as_tensor(images)
     if device is not None:
         tensor = tensor.to(device, non_blocking=True)
-    mean = torch.as_tensor(MEAN, device=tensor.device)
-    std = torch.as_tensor(STD, device=tensor.device)
-    tensor = (tensor.float() - mean) / std
-    return tensor.permute(0, 3, 1, 2)  # a view: NHWC storage == channels_last NCHW
+    # Normalise whole (W * 3) rows against tiled statistics: the same arithmetic as broadcasting
+    # over the size-3 channel axis, but 2-3x faster (torch's inner loop was 3 elements long).
+    b, h, w, c = tensor.shape
+    mean = torch.as_tensor(np.tile(MEAN, w), device=tensor.device)
+    std = torch.as_tensor(np.tile(STD, w), device=tensor.device)
+    rows = tensor.reshape(b, h, w * c).float().sub_(mean).div_(std)
+    return rows.view(b, h, w, c).permute(0, 3, 1, 2)  # NHWC storage == channels_last NCHW
