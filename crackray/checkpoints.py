@@ -51,7 +51,8 @@ def build_model_from_file(path: str | Path) -> tuple[torch.nn.Module, RunConfig,
     """Rebuild the network a model file was saved from; returns (model, config, file dict)."""
     payload = load_model_file(path)
     cfg = RunConfig.model_validate(payload["config"])
-    model = create_model(cfg.model.name, pretrained=False, dropout=cfg.model.dropout,
-                         image_size=cfg.data.image_size)
+    model = create_model(
+        cfg.model.name, pretrained=False, dropout=cfg.model.dropout, image_size=cfg.data.image_size
+    )
     model.load_state_dict(payload["model_state"])
     return model.eval(), cfg, payload

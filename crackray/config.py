@@ -23,7 +23,7 @@ class _Strict(BaseModel):
 
 class DataConfig(_Strict):
     path: str = "data/demo"  # folder of Parquet shards written by `crackray prepare`
-    # Make synthetic demo tiles at `path` when it does not exist (the quickstart's embedded default).
+    # Make synthetic demo tiles at `path` when it is absent (the quickstart's embedded default).
     synthetic_if_missing: bool = False
     synthetic_n: int = Field(400, ge=8)
     image_size: int = Field(224, ge=16, le=1024)

@@ -18,6 +18,8 @@ import torch.distributed as dist
 from crackray.config import RunConfig
 from crackray.losses import SegDecLoss, build_classification_loss
 
+CPU = torch.device("cpu")
+
 
 def crack_logits(outputs) -> torch.Tensor:
     """The per-image crack logit (B,): classifiers return it, segdec returns (logit, seg)."""
@@ -39,7 +41,13 @@ class Objective:
         if self.segmentation:
             dec_logit, seg_logit = outputs
             return self.loss(
-                dec_logit, seg_logit, batch["label"], batch["mask"], batch["has_mask"], epoch, epochs
+                dec_logit,
+                seg_logit,
+                batch["label"],
+                batch["mask"],
+                batch["has_mask"],
+                epoch,
+                epochs,
             )
         loss = self.loss(outputs, batch["label"])
         return loss, {}
@@ -63,7 +71,7 @@ def train_one_epoch(
     schedule=None,
     grad_clip: float | None = None,
     bf16: bool = False,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device = CPU,
 ) -> dict[str, float]:
     """Train over `batches` once; returns the sample-weighted mean loss and throughput."""
     model.train()
@@ -140,7 +148,7 @@ def evaluate(
     epoch: int = 0,
     epochs: int = 1,
     bf16: bool = False,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device = CPU,
     keep_seg_maps: bool = False,
 ) -> EvalOutputs:
     """Predict every sample of `batches` once; the loss is summed so that means over several

@@ -71,11 +71,16 @@ def log_decision_artifacts(
     matrix = confusion_matrix(outputs.probs, outputs.targets, threshold)
     tracker.log_json(
         run_id,
-        {"layout": "rows=true [no_crack, crack], cols=predicted [no_crack, crack]",
-         "threshold": threshold, "matrix": matrix},
+        {
+            "layout": "rows=true [no_crack, crack], cols=predicted [no_crack, crack]",
+            "threshold": threshold,
+            "matrix": matrix,
+        },
         f"{name}/confusion_matrix.json",
     )
-    figures = {"confusion_matrix.png": plots.confusion_matrix_figure(matrix, f"{name} @ {threshold:.2f}")}
+    figures = {
+        "confusion_matrix.png": plots.confusion_matrix_figure(matrix, f"{name} @ {threshold:.2f}")
+    }
     if len(set(outputs.targets.tolist())) == 2:  # curves need both classes
         precision, recall, _ = pr_curve(outputs.probs, outputs.targets)
         figures["pr_curve.png"] = plots.curve_figure(
@@ -83,8 +88,12 @@ def log_decision_artifacts(
         )
         fpr, tpr, _ = roc_curve(outputs.probs, outputs.targets)
         figures["roc_curve.png"] = plots.curve_figure(
-            fpr, tpr, xlabel="false positive rate", ylabel="true positive rate",
-            title=f"{name} ROC (crack)", diagonal=True,
+            fpr,
+            tpr,
+            xlabel="false positive rate",
+            ylabel="true positive rate",
+            title=f"{name} ROC (crack)",
+            diagonal=True,
         )
     for file, fig in figures.items():
         tracker.log_figure(run_id, fig, f"{name}/{file}")
@@ -102,8 +111,15 @@ def test_report(val: EvalOutputs, test: EvalOutputs) -> tuple[float, dict[str, f
 
 
 @torch.no_grad()
-def log_mask_overlays(tracker: Tracker, run_id: str, model: torch.nn.Module, examples: dict,
-                      threshold: float, name: str, device=None) -> None:
+def log_mask_overlays(
+    tracker: Tracker,
+    run_id: str,
+    model: torch.nn.Module,
+    examples: dict,
+    threshold: float,
+    name: str,
+    device=None,
+) -> None:
     """Predicted masks of fixed examples (`pipeline.overlay_examples`) over their images,
     next to the ground truth, as the PNG artifact `name` (segdec only)."""
     model.eval()
@@ -112,8 +128,12 @@ def log_mask_overlays(tracker: Tracker, run_id: str, model: torch.nn.Module, exa
         torch.sigmoid(seg_logit.float()), size=examples["mask"].shape[-2:], mode="bilinear"
     )[:, 0]
     fig = plots.mask_overlay_figure(
-        examples["image"], examples["mask"], seg.cpu().numpy(),
-        torch.sigmoid(dec_logit.float()).cpu().numpy(), threshold, Path(name).stem,
+        examples["image"],
+        examples["mask"],
+        seg.cpu().numpy(),
+        torch.sigmoid(dec_logit.float()).cpu().numpy(),
+        threshold,
+        Path(name).stem,
     )
     tracker.log_figure(run_id, fig, name)
     plots.close(fig)

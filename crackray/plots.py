@@ -95,8 +95,9 @@ def mask_overlay_figure(images, masks, seg_probs, crack_probs, threshold: float,
         truth.set_title("ground truth" if row == 0 else "", fontsize=8)
         predicted.imshow(image)
         # Masked below 0.1: the colour map's white end would otherwise wash out the image.
-        predicted.imshow(np.ma.masked_where(prob < 0.1, prob), cmap="Reds", alpha=0.35,
-                         vmin=0, vmax=1)
+        predicted.imshow(
+            np.ma.masked_where(prob < 0.1, prob), cmap="Reds", alpha=0.35, vmin=0, vmax=1
+        )
         hard = prob >= threshold
         predicted.imshow(np.ma.masked_where(~hard, hard), cmap="autumn", alpha=0.8)
         predicted.set_title(f"p(crack) {p_crack:.2f}", fontsize=8)

@@ -16,8 +16,10 @@ Design against the known traps:
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 import time
@@ -33,6 +35,13 @@ KIND_TAG = "crackray.kind"
 PARENT_TAG = "mlflow.parentRunId"
 _SECRET_IN_URI = re.compile(r"(://[^/:@]+:)[^@/]+@")
 _SECRET_KEYS = re.compile(r"(password|token|secret|api_key|apikey)", re.IGNORECASE)
+# MLflow's HTTP client retries a dead server with exponential backoff for minutes (7 retries,
+# factor 2) before it raises, which would stall a training epoch: crackray buffers and
+# retries writes itself, so each request fails fast. Values a user sets in the environment win.
+_FAST_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+              "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+READ_PATIENCE_S = 600.0  # how long a worker's read waits for a tracking server to come back
+RETRY_EVERY_S = 10.0  # while writes are buffered, how often a new write retries the backlog
 
 
 class TrackingError(CrackrayError):
@@ -64,6 +73,14 @@ def safe_params(params: dict[str, Any]) -> dict[str, str]:
             continue
         out[key] = redact(str(value))[:6000]
     return out
+
+
+def _rejected(exc: Exception) -> bool:
+    """True when the tracking server answered with an error (a permanent one, such as a
+    changed param value), False for an outage (refused connection, timeout, 5xx)."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(exc, MlflowException) and exc.get_http_status_code() < 500
 
 
 def _local_artifact_root(uri: str) -> str | None:
@@ -104,11 +121,18 @@ class Tracker:
     def __init__(self, uri: str | None = None, *, buffer_on_error: bool = True):
         from mlflow.tracking import MlflowClient
 
+        for name, value in _FAST_HTTP.items():
+            os.environ.setdefault(name, value)
         self.uri = resolve_tracking_uri(uri)
-        self.client = MlflowClient(tracking_uri=self.uri)
+        if redact(self.uri) != self.uri:
+            # MLflow prints "View run <uri>/#/..." on run end: not with a password in it.
+            os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+        # The registry lives in the same store; without it MLflow uses a process-wide default.
+        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         self.buffer_on_error = buffer_on_error
         self._pending: list[tuple[Callable, tuple, dict]] = []
         self._warned = False
+        self._failed_at = -math.inf
 
     # -- set-up (driver side; errors here are fatal and clear) ---------------------------
 
@@ -170,7 +194,9 @@ class Tracker:
 
     def _call(self, fn: Callable, *args, **kwargs) -> None:
         self._pending.append((fn, args, kwargs))
-        self.flush(raise_errors=not self.buffer_on_error)
+        # During an outage each attempt costs MLflow's retries: queue without trying for a while.
+        if len(self._pending) == 1 or time.monotonic() - self._failed_at >= RETRY_EVERY_S:
+            self.flush(raise_errors=not self.buffer_on_error)
 
     def flush(self, *, raise_errors: bool = False, timeout_s: float = 0.0) -> bool:
         """Send buffered writes in order; True when none is left. Retries until `timeout_s`."""
@@ -182,6 +208,13 @@ class Tracker:
             except Exception as exc:  # noqa: BLE001 - a tracking outage must not kill training
                 if raise_errors:
                     raise
+                self._failed_at = time.monotonic()
+                if _rejected(exc):
+                    # The server answered "no" (e.g. a bad value): retrying cannot help, and
+                    # keeping the write would block every write queued behind it.
+                    warnings.warn(f"MLflow rejected a tracking write, dropped: {exc}", stacklevel=2)
+                    self._pending.pop(0)
+                    continue
                 if not self._warned:
                     warnings.warn(
                         f"MLflow at {redact(self.uri)} failed ({type(exc).__name__}); "
@@ -220,14 +253,41 @@ class Tracker:
             self._call(self.client.log_batch, run_id, metrics=batch)
 
     def logged_steps(self, run_id: str, key: str) -> set[int]:
-        return {m.step for m in self.client.get_metric_history(run_id, key)}
+        """Steps of `key` already in MLflow. A restarted worker needs the answer to avoid
+        logging an epoch twice, so it waits (up to READ_PATIENCE_S) for a server that is away."""
+        deadline = time.monotonic() + READ_PATIENCE_S
+        while True:
+            try:
+                return {m.step for m in self.client.get_metric_history(run_id, key)}
+            except Exception as exc:  # noqa: BLE001 - outage: wait; a real answer: raise
+                if _rejected(exc) or time.monotonic() >= deadline:
+                    raise
+                warnings.warn(f"MLflow at {redact(self.uri)} unreachable "
+                              f"({type(exc).__name__}); waiting to read {key}", stacklevel=2)
+                time.sleep(2.0)
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         for key, value in tags.items():
             self._call(self.client.set_tag, run_id, key, redact(str(value)))
 
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
-        self._call(self.client.log_artifact, run_id, str(path), artifact_path)
+        if not self._pending:
+            try:
+                self.client.log_artifact(run_id, str(path), artifact_path)
+                return
+            except Exception as exc:  # noqa: BLE001 - buffered below; the rejection case too
+                if _rejected(exc):
+                    raise
+        # Buffered: the caller may delete `path` (a checkpoint in a temporary folder) before
+        # the server is back, so the queue keeps its own copy.
+        copy = Path(tempfile.mkdtemp(prefix="crackray-spool-")) / Path(path).name
+        shutil.copy2(path, copy)
+
+        def send() -> None:
+            self.client.log_artifact(run_id, str(copy), artifact_path)
+            shutil.rmtree(copy.parent, ignore_errors=True)
+
+        self._call(send)
 
     def log_json(self, run_id: str, data: Any, artifact_file: str) -> None:
         self._call(self.client.log_text, run_id, json.dumps(data, indent=2, default=str), artifact_file)
@@ -244,3 +304,110 @@ class Tracker:
     def download(self, run_id: str, artifact_path: str) -> Path:
         target = tempfile.mkdtemp(prefix="crackray-")
         return Path(self.client.download_artifacts(run_id, artifact_path, target))
+
+    # -- runs, models and the registry (select / predict / report / ui) ------------------
+
+    def get_run(self, run_id: str):
+        try:
+            return self.client.get_run(run_id)
+        except Exception:  # noqa: BLE001 - MlflowException for an unknown or malformed id
+            raise TrackingError(f"no MLflow run {run_id!r} in {redact(self.uri)}") from None
+
+    def latest_run_anywhere(self, kind: str, experiment: str | None = None):
+        """The most recent run of `kind` in `experiment` (by name), or in any experiment."""
+        if experiment is not None:
+            if self.client.get_experiment_by_name(experiment) is None:
+                raise TrackingError(f"no MLflow experiment named {experiment!r} in "
+                                    f"{redact(self.uri)}")
+            return self.latest_run(experiment, kind=kind)
+        ids = [e.experiment_id for e in self.client.search_experiments()]
+        runs = self.client.search_runs(
+            ids, filter_string=f"tags.`{KIND_TAG}` = '{kind}'",
+            order_by=["attributes.start_time DESC"], max_results=1,
+        ) if ids else []
+        return runs[0] if runs else None
+
+    def child_runs(self, parent_run_id: str, kind: str | None = None) -> list:
+        """Every run whose `mlflow.parentRunId` is `parent_run_id` (optionally of one kind),
+        oldest first."""
+        parent = self.get_run(parent_run_id)
+        query = f"tags.`{PARENT_TAG}` = '{parent_run_id}'"
+        if kind:
+            query += f" and tags.`{KIND_TAG}` = '{kind}'"
+        return list(reversed(self.client.search_runs(
+            [parent.info.experiment_id], filter_string=query,
+            order_by=["attributes.start_time DESC"], max_results=10000,
+        )))
+
+    def metric_history(self, run_id: str, key: str) -> dict[int, float]:
+        return {m.step: m.value for m in self.client.get_metric_history(run_id, key)}
+
+    def log_pytorch_model(self, run_id: str, model, *, input_example, output_example,
+                          metadata: dict, extra_files: list[str]) -> str:
+        """`mlflow.pytorch.log_model` into `run_id` with an explicit signature; returns the
+        model URI. `input_example` must hold >= 2 samples, or the saved signature pins the
+        batch size to 1."""
+        import mlflow
+        import mlflow.pytorch
+        from mlflow.models import infer_signature
+
+        mlflow.set_tracking_uri(self.uri)
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pytorch.log_model(
+                model, name="model", input_example=input_example,
+                signature=infer_signature(input_example, output_example),
+                metadata=metadata, extra_files=extra_files,
+            )
+        return info.model_uri
+
+    def register(self, model_uri: str, name: str, alias: str, tags: dict | None = None) -> str:
+        """Register `model_uri` as a new version of `name` and point `alias` at it (aliases,
+        never the deprecated stages); returns the version."""
+        import mlflow
+
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
+        version = mlflow.register_model(model_uri, name, tags=tags)
+        self.client.set_registered_model_alias(name, alias, version.version)
+        return str(version.version)
+
+    def model_version(self, name: str, alias_or_version: str):
+        """The registered version behind `name@alias` (or `name/version`)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            registered = self.client.get_registered_model(name)
+        except MlflowException:
+            raise TrackingError(f"no registered model {name!r} in {redact(self.uri)}") from None
+        try:
+            if alias_or_version.isdigit():
+                return self.client.get_model_version(name, alias_or_version)
+            return self.client.get_model_version_by_alias(name, alias_or_version)
+        except MlflowException:
+            known = ", ".join(sorted(registered.aliases)) or "none"
+            raise TrackingError(f"registered model {name!r} has no alias or version "
+                                f"{alias_or_version!r} (aliases: {known})") from None
+
+    def download_uri(self, artifact_uri: str) -> Path:
+        """Download any artifact URI (runs:/..., models:/..., file paths) to a temp folder."""
+        import mlflow.artifacts
+
+        target = tempfile.mkdtemp(prefix="crackray-")
+        try:
+            return Path(mlflow.artifacts.download_artifacts(
+                artifact_uri=artifact_uri, dst_path=target, tracking_uri=self.uri))
+        except Exception as exc:  # noqa: BLE001 - MlflowException / OSError alike
+            raise TrackingError(f"cannot download {artifact_uri}: {exc}") from None
+
+
+def server_command(uri: str, host: str, port: int) -> list[str]:
+    """`mlflow server` over a local store, with artifacts where crackray writes them."""
+    import sys
+
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+               "--host", host, "--port", str(port), "--workers", "1"]
+    root = _local_artifact_root(uri)
+    if root:
+        # Experiments created in the UI get the same artifact folder as crackray's own.
+        command += ["--default-artifact-root", root, "--no-serve-artifacts"]
+    return command

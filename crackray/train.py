@@ -108,8 +108,9 @@ class EpochLogger:
             if row["epoch"] not in logged:
                 self.tracker.log_metrics(self.run_id, _numeric(row), step=row["epoch"])
 
-    def log_epoch(self, epoch: int, metrics: dict, val: EvalOutputs, improved: bool,
-                  best_file: Path | None) -> None:
+    def log_epoch(
+        self, epoch: int, metrics: dict, val: EvalOutputs, improved: bool, best_file: Path | None
+    ) -> None:
         self.tracker.log_metrics(self.run_id, _numeric(metrics), step=epoch)
         if improved:
             log_decision_artifacts(self.tracker, self.run_id, val, 0.5, "val")
@@ -118,8 +119,11 @@ class EpochLogger:
 
 
 def _numeric(row: dict) -> dict:
-    return {k: v for k, v in row.items()
-            if isinstance(v, int | float) and k not in ("epoch", "epochs_planned")}
+    return {
+        k: v
+        for k, v in row.items()
+        if isinstance(v, int | float) and k not in ("epoch", "epochs_planned")
+    }
 
 
 def fault_point(fault_dir: str | None, point: str, rank: int) -> None:
@@ -151,10 +155,16 @@ def restart_candidates(run_folder: str | None) -> list[ray.train.Checkpoint]:
         filesystem, root = pyarrow.fs.FileSystem.from_uri(run_folder)
         selector = pyarrow.fs.FileSelector(root, allow_not_found=True)
         known = Path(registered.path).name if registered else ""
-        folders = sorted((e.path for e in filesystem.get_file_info(selector)
-                          if e.type == pyarrow.fs.FileType.Directory
-                          and e.base_name.startswith("epoch-") and e.base_name > known),
-                         reverse=True)
+        folders = sorted(
+            (
+                e.path
+                for e in filesystem.get_file_info(selector)
+                if e.type == pyarrow.fs.FileType.Directory
+                and e.base_name.startswith("epoch-")
+                and e.base_name > known
+            ),
+            reverse=True,
+        )
         newer = [ray.train.Checkpoint(path, filesystem=filesystem) for path in folders]
     return newer + ([registered] if registered else [])
 
@@ -168,8 +178,12 @@ def train_fn_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.train.seed)
     fault_point(config.get("fault_dir"), "start", rank)
 
-    model = create_model(cfg.model.name, pretrained=cfg.model.pretrained,
-                         dropout=cfg.model.dropout, image_size=cfg.data.image_size)
+    model = create_model(
+        cfg.model.name,
+        pretrained=cfg.model.pretrained,
+        dropout=cfg.model.dropout,
+        image_size=cfg.data.image_size,
+    )
     if segmentation:
         model.gradient_adjustment = cfg.train.gradient_adjustment
     if device.type == "cuda":
@@ -186,8 +200,9 @@ def train_fn_per_worker(config: dict) -> None:
         try:
             with checkpoint.as_directory() as folder:
                 saved = torch.load(Path(folder) / checkpoints.STATE_FILE, weights_only=True)
-                best_weights = checkpoints.load_model_file(
-                    Path(folder) / checkpoints.BEST_FILE)["model_state"]
+                best_weights = checkpoints.load_model_file(Path(folder) / checkpoints.BEST_FILE)[
+                    "model_state"
+                ]
         except Exception as exc:  # noqa: BLE001 - half-written by a dying worker: try older
             warnings.warn(f"skipping unreadable checkpoint {checkpoint.path}: {exc}", stacklevel=1)
             continue
@@ -206,30 +221,54 @@ def train_fn_per_worker(config: dict) -> None:
     sampler = frequency_sampler(cfg)  # None unless data.frequency_sampling
     for epoch in range(state.next_epoch, epochs):
         train_batches = iterate_batches(
-            ray.train.get_dataset_shard(TRAIN), cfg.train.batch_size, device, shuffle=True,
+            ray.train.get_dataset_shard(TRAIN),
+            cfg.train.batch_size,
+            device,
+            shuffle=True,
             keep=keep_rows(sampler.selection(epoch)) if sampler else None,
         )
         if sampler:
             train_batches = lockstep(train_batches, device)
         train_stats = train_one_epoch(
-            model, train_batches, objective, optimizer, epoch=epoch, epochs=epochs,
-            schedule=schedule, grad_clip=cfg.train.grad_clip, bf16=bf16, device=device,
+            model,
+            train_batches,
+            objective,
+            optimizer,
+            epoch=epoch,
+            epochs=epochs,
+            schedule=schedule,
+            grad_clip=cfg.train.grad_clip,
+            bf16=bf16,
+            device=device,
         )
         # Mid-epoch: trained but neither evaluated nor checkpointed.
         fault_point(config.get("fault_dir"), f"epoch{epoch}", rank)
-        val_batches = iterate_batches(ray.train.get_dataset_shard(VAL), cfg.train.eval_batch_size, device)
+        val_batches = iterate_batches(
+            ray.train.get_dataset_shard(VAL), cfg.train.eval_batch_size, device
+        )
         # The plain module, not DDP: DDP's forward broadcasts buffers, a collective that hangs
         # when the disjoint evaluation shards give the workers different batch counts.
-        val = gather(evaluate(checkpoints.unwrap(model), val_batches, objective, epoch=epoch, epochs=epochs, bf16=bf16,
-                              device=device, keep_seg_maps=segmentation))
+        val = gather(
+            evaluate(
+                checkpoints.unwrap(model),
+                val_batches,
+                objective,
+                epoch=epoch,
+                epochs=epochs,
+                bf16=bf16,
+                device=device,
+                keep_seg_maps=segmentation,
+            )
+        )
         metrics = {f"train/{k}": v for k, v in train_stats.items()}
         metrics.update(split_metrics(val, VAL))
         if segmentation:
             metrics.update(pixel_split_metrics(val, VAL)[1])
         metrics["epoch"] = epoch
         metrics["epochs_planned"] = epochs
-        improved = state.record(epoch, metrics, selection_score(cfg, metrics),
-                                cfg.train.early_stopping_min_delta)
+        improved = state.record(
+            epoch, metrics, selection_score(cfg, metrics), cfg.train.early_stopping_min_delta
+        )
         schedule.step_epoch(metrics["val/f1"])
         if improved:
             best_weights = checkpoints.cpu_state(model)
@@ -239,31 +278,47 @@ def train_fn_per_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory() as folder:
             report_checkpoint, best_file = None, None
             if rank == 0:
-                torch.save({
-                    "model_state": checkpoints.cpu_state(model),
-                    "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict(),
-                    "training_state": asdict(state),
-                }, Path(folder) / checkpoints.STATE_FILE)
+                torch.save(
+                    {
+                        "model_state": checkpoints.cpu_state(model),
+                        "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(),
+                        "training_state": asdict(state),
+                    },
+                    Path(folder) / checkpoints.STATE_FILE,
+                )
                 best_file = checkpoints.save_model_file(
-                    Path(folder) / checkpoints.BEST_FILE, best_weights, cfg,
-                    epoch=state.best_epoch, val_score=state.best_score,
+                    Path(folder) / checkpoints.BEST_FILE,
+                    best_weights,
+                    cfg,
+                    epoch=state.best_epoch,
+                    val_score=state.best_score,
                 )
                 report_checkpoint = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(metrics, checkpoint=report_checkpoint,
-                             checkpoint_dir_name=f"epoch-{epoch:04d}")
+            ray.train.report(
+                metrics, checkpoint=report_checkpoint, checkpoint_dir_name=f"epoch-{epoch:04d}"
+            )
             if logger:
                 logger.log_epoch(epoch, metrics, val, improved, best_file)
                 last = stop or epoch == epochs - 1
                 if segmentation and ((epoch + 1) % cfg.train.log_masks_every == 0 or last):
-                    log_mask_overlays(logger.tracker, logger.run_id, checkpoints.unwrap(model),
-                                      logger.examples, metrics["val/pixel_threshold"],
-                                      f"masks/val-epoch-{epoch:04d}.png", device)
+                    log_mask_overlays(
+                        logger.tracker,
+                        logger.run_id,
+                        checkpoints.unwrap(model),
+                        logger.examples,
+                        metrics["val/pixel_threshold"],
+                        f"masks/val-epoch-{epoch:04d}.png",
+                        device,
+                    )
         if stop:
             break
     if logger and not logger.tracker.flush(timeout_s=FLUSH_PATIENCE_S):
-        warnings.warn(f"MLflow unreachable for {FLUSH_PATIENCE_S:.0f} s after training: "
-                      "the last tracking writes of this run are lost", stacklevel=1)
+        warnings.warn(
+            f"MLflow unreachable for {FLUSH_PATIENCE_S:.0f} s after training: "
+            "the last tracking writes of this run are lost",
+            stacklevel=1,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,7 +397,8 @@ def build_trainer(
             "run_folder": f"{storage_path}/{name}",
         },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
+            num_workers=cfg.train.workers,
+            use_gpu=cfg.train.use_gpu,
             resources_per_worker=resources,
         ),
         run_config=ray.train.RunConfig(
@@ -357,16 +413,16 @@ def build_trainer(
     )
 
 
-def predict_split(model: torch.nn.Module, cfg: RunConfig, split: str,
-                  device: torch.device | None = None) -> EvalOutputs:
+def predict_split(
+    model: torch.nn.Module, cfg: RunConfig, split: str, device: torch.device | None = None
+) -> EvalOutputs:
     """Evaluate a model on a whole split in this process (test, select, report)."""
     device = device or torch.device("cpu")
     segmentation = is_segmentation(cfg)
     objective = Objective(cfg, 1.0, segmentation)
     dataset = build_dataset(cfg, split, with_masks=segmentation)
     batches = iterate_batches(dataset, cfg.train.eval_batch_size, device)
-    return evaluate(model.to(device), batches, objective, device=device,
-                    keep_seg_maps=segmentation)
+    return evaluate(model.to(device), batches, objective, device=device, keep_seg_maps=segmentation)
 
 
 def evaluate_on_test(tracker: Tracker, run_id: str, model_file: Path) -> dict[str, float]:
@@ -392,8 +448,13 @@ class TrainingResult:
     seconds: float
 
 
-def run_training(cfg: RunConfig, *, resume: bool = False, storage_path: str = "ray_results",
-                 experiment: str | None = None) -> TrainingResult:
+def run_training(
+    cfg: RunConfig,
+    *,
+    resume: bool = False,
+    storage_path: str = "ray_results",
+    experiment: str | None = None,
+) -> TrainingResult:
     """`crackray train`: one Ray Train run tracked as one MLflow run, then one test pass."""
     start = time.perf_counter()
     cfg, manifest = resolve_data(cfg)
@@ -401,12 +462,19 @@ def run_training(cfg: RunConfig, *, resume: bool = False, storage_path: str = "r
     tracker = Tracker(cfg.tracking.uri)
     tracker.check_reachable()
     experiment = experiment or cfg.tracking.experiment or "crackray"
-    storage = str(Path(storage_path).expanduser().resolve()) if "://" not in storage_path else storage_path
+    storage = (
+        str(Path(storage_path).expanduser().resolve())
+        if "://" not in storage_path
+        else storage_path
+    )
 
     name = _resumable_run_name(tracker, experiment) if resume else None
     name = name or f"train-{time.strftime('%Y%m%d-%H%M%S')}"
     run_id = tracker.find_or_create_run(
-        experiment, f"train/{name}", run_name=name, kind="train",
+        experiment,
+        f"train/{name}",
+        run_name=name,
+        kind="train",
         tags={"crackray.ray_run_name": name, "crackray.storage_path": storage},
     )
     tracker.log_params(run_id, run_params(cfg, manifest))
@@ -414,14 +482,20 @@ def run_training(cfg: RunConfig, *, resume: bool = False, storage_path: str = "r
         tracker.log_artifact(run_id, save_resolved(cfg, Path(folder) / "config.yaml"))
 
     ensure_ray()
-    trainer = build_trainer(cfg, manifest, tracking={"uri": tracker.uri, "run_id": run_id},
-                            name=name, storage_path=storage)
+    trainer = build_trainer(
+        cfg,
+        manifest,
+        tracking={"uri": tracker.uri, "run_id": run_id},
+        name=name,
+        storage_path=storage,
+    )
     result = trainer.fit()
     with result.checkpoint.as_directory() as folder:
         best = Path(tempfile.mkdtemp(prefix="crackray-best-")) / checkpoints.BEST_FILE
         best.write_bytes((Path(folder) / checkpoints.BEST_FILE).read_bytes())
-        history = torch.load(Path(folder) / checkpoints.STATE_FILE,
-                             weights_only=True)["training_state"]["history"]
+        history = torch.load(Path(folder) / checkpoints.STATE_FILE, weights_only=True)[
+            "training_state"
+        ]["history"]
     test_metrics = evaluate_on_test(tracker, run_id, best)
     tracker.end_run(run_id, "FINISHED")
     tracker.flush(timeout_s=60)
@@ -441,4 +515,23 @@ def ensure_ray(address: str | None = None) -> None:
         # "local", not None: with None, ray.init attaches to the newest Ray started on this
         # machine by anyone (/tmp/ray/ray_current_cluster), and hangs if that one has died.
         address = address or os.environ.get("RAY_ADDRESS") or "local"
+        if address == "local":
+            _isolate_local_ray()
         ray.init(address=address, configure_logging=True, logging_level="WARNING")
+        if address == "local":
+            from ray._private.utils import write_ray_address
+
+            write_ray_address(ray.get_runtime_context().gcs_address)
+
+
+def _isolate_local_ray() -> None:
+    """Give this process's local Ray a temp root of its own, where its address is recorded.
+
+    Ray's helper actors look their cluster up by address file; Train's placement-group
+    cleaner does so when Tune stops a trial. With another Ray on the machine and no file,
+    that lookup fails, the stopped trial's placement group leaks and the next trial's Ray
+    Data tasks wait for CPUs forever. A private RAY_TMPDIR (inherited by every Ray process
+    started from here) makes the lookup find this cluster and no other.
+    """
+    if "RAY_TMPDIR" not in os.environ:
+        os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="crackray-ray-", dir="/tmp")

@@ -24,7 +24,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from crackray import checkpoints, plots
 from crackray.config import Distribution, ExperimentFile, RunConfig, TuneConfig, with_params
-from crackray.errors import ConfigError
+from crackray.errors import ConfigError, CrackrayError
 from crackray.tracking import Tracker
 from crackray.train import build_trainer, ensure_ray, evaluate_on_test, resolve_data, run_params
 
@@ -69,8 +69,10 @@ def check_search_values(experiment: ExperimentFile) -> None:
 
             unknown = [c for c in dist.choices or [] if c not in list_models()]
             if unknown:
-                raise ConfigError(f"search.model.name: unknown models {unknown}. "
-                                  f"Supported: {', '.join(list_models())}")
+                raise ConfigError(
+                    f"search.model.name: unknown models {unknown}. "
+                    f"Supported: {', '.join(list_models())}"
+                )
 
 
 # ------------------------------------------------------------------------- resources
@@ -97,10 +99,13 @@ class ResourcePlan:
         return self.cluster_cpus - self.cpus_for_training
 
     def describe(self) -> str:
-        return (f"resource plan: {self.cluster_cpus:g} CPUs, {self.cluster_gpus:g} GPUs; "
-                f"{self.concurrent_trials} concurrent trial(s) x {self.workers_per_trial} workers "
-                f"x {self.cpus_per_worker:g} CPU{' + %g GPU' % self.gpus_per_worker if self.gpus_per_worker else ''}; "
-                f"trial drivers 0 CPU; {self.cpus_for_ingest:g} CPUs left for Ray Data ingest")
+        gpu = f" + {self.gpus_per_worker:g} GPU" if self.gpus_per_worker else ""
+        return (
+            f"resource plan: {self.cluster_cpus:g} CPUs, {self.cluster_gpus:g} GPUs; "
+            f"{self.concurrent_trials} concurrent trial(s) x {self.workers_per_trial} workers "
+            f"x {self.cpus_per_worker:g} CPU{gpu}; "
+            f"trial drivers 0 CPU; {self.cpus_for_ingest:g} CPUs left for Ray Data ingest"
+        )
 
 
 def plan_resources(cfg: TuneConfig, cluster: dict) -> ResourcePlan:
@@ -114,14 +119,16 @@ def plan_resources(cfg: TuneConfig, cluster: dict) -> ResourcePlan:
     if cfg.gpus_per_worker > 0:
         fits = min(fits, math.floor(gpus / (cfg.workers_per_trial * cfg.gpus_per_worker) + 1e-9))
     if fits < 1:
+        gpu = f" x {cfg.gpus_per_worker:g} GPU" if cfg.gpus_per_worker else ""
         raise ConfigError(
             f"tune: one trial needs {cfg.workers_per_trial} workers x {cfg.cpus_per_worker:g} CPU"
-            f"{' x %g GPU' % cfg.gpus_per_worker if cfg.gpus_per_worker else ''} plus "
+            f"{gpu} plus "
             f"{INGEST_MIN_CPUS:g} CPU for ingest, but the cluster has {cpus:g} CPUs and "
             f"{gpus:g} GPUs: lower tune.workers_per_trial or tune.cpus_per_worker"
         )
-    return ResourcePlan(cpus, gpus, fits, cfg.workers_per_trial, cfg.cpus_per_worker,
-                        cfg.gpus_per_worker)
+    return ResourcePlan(
+        cpus, gpus, fits, cfg.workers_per_trial, cfg.cpus_per_worker, cfg.gpus_per_worker
+    )
 
 
 def trial_base(experiment: ExperimentFile) -> RunConfig:
@@ -143,13 +150,21 @@ def trial_driver(params: dict, *, job: dict) -> None:
     trial_id = context.get_trial_id()
     tracker = Tracker(job["tracking_uri"])
     run_id = tracker.find_or_create_run(
-        job["experiment"], f"{job['name']}/{trial_id}", run_name=context.get_trial_name(),
-        kind="trial", parent_run_id=job["parent_run_id"], tags={"crackray.trial_id": trial_id},
+        job["experiment"],
+        f"{job['name']}/{trial_id}",
+        run_name=context.get_trial_name(),
+        kind="trial",
+        parent_run_id=job["parent_run_id"],
+        tags={"crackray.trial_id": trial_id},
     )
     tracker.log_params(run_id, run_params(cfg, job["manifest"]))
     trainer = build_trainer(
-        cfg, job["manifest"], tracking={"uri": tracker.uri, "run_id": run_id},
-        name=trial_id, storage_path=job["trials_storage"], callbacks=[TuneReportCallback()],
+        cfg,
+        job["manifest"],
+        tracking={"uri": tracker.uri, "run_id": run_id},
+        name=trial_id,
+        storage_path=job["trials_storage"],
+        callbacks=[TuneReportCallback()],
     )
     trainer.fit()
 
@@ -189,8 +204,13 @@ class TuneSummary:
     best_test_metrics: dict
 
 
-def run_tuning(experiment: ExperimentFile, file: str | Path, *, resume: bool = False,
-               address: str | None = None) -> TuneSummary:
+def run_tuning(
+    experiment: ExperimentFile,
+    file: str | Path,
+    *,
+    resume: bool = False,
+    address: str | None = None,
+) -> TuneSummary:
     check_search_values(experiment)
     distributions = to_optuna(experiment.search)
     base, manifest = resolve_data(trial_base(experiment))
@@ -202,47 +222,64 @@ def run_tuning(experiment: ExperimentFile, file: str | Path, *, resume: bool = F
 
     previous = tracker.latest_run(exp_name, kind="tune", unfinished=True) if resume else None
     if resume and previous is None:
-        raise ConfigError(f"--resume: no unfinished tuning job of experiment '{exp_name}' "
-                          f"in {tracker.uri}")
-    job_name = (previous.data.tags["crackray.job_name"] if previous
-                else f"{tcfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        raise ConfigError(
+            f"--resume: no unfinished tuning job of experiment '{exp_name}' in {tracker.uri}"
+        )
+    job_name = (
+        previous.data.tags["crackray.job_name"]
+        if previous
+        else f"{tcfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     parent_run_id = tracker.find_or_create_run(
-        exp_name, f"tune/{job_name}", run_name=job_name, kind="tune",
+        exp_name,
+        f"tune/{job_name}",
+        run_name=job_name,
+        kind="tune",
         tags={"crackray.job_name": job_name, "crackray.storage_path": storage},
     )
-    tracker.log_params(parent_run_id, {f"base.{k}": v for k, v in run_params(base, manifest).items()})
+    tracker.log_params(
+        parent_run_id, {f"base.{k}": v for k, v in run_params(base, manifest).items()}
+    )
     tracker.log_artifact(parent_run_id, file)
 
     ensure_ray(address)
     plan = plan_resources(tcfg, ray.cluster_resources())
     print(plan.describe())
     job = {
-        "base": base.model_dump(), "manifest": manifest, "name": job_name,
-        "experiment": exp_name, "tracking_uri": tracker.uri, "parent_run_id": parent_run_id,
+        "base": base.model_dump(),
+        "manifest": manifest,
+        "name": job_name,
+        "experiment": exp_name,
+        "tracking_uri": tracker.uri,
+        "parent_run_id": parent_run_id,
         "trials_storage": f"{storage}/{job_name}/train_runs",
     }
-    trainable = tune.with_resources(tune.with_parameters(trial_driver, job=job),
-                                    plan.driver_bundle)
+    trainable = tune.with_resources(tune.with_parameters(trial_driver, job=job), plan.driver_bundle)
     job_path = f"{storage}/{job_name}"
     if previous is not None and tune.Tuner.can_restore(job_path):
-        tuner = tune.Tuner.restore(job_path, trainable, resume_unfinished=True,
-                                   resume_errored=True)
+        tuner = tune.Tuner.restore(job_path, trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                metric=tcfg.metric, mode=tcfg.mode, num_samples=tcfg.num_samples,
+                metric=tcfg.metric,
+                mode=tcfg.mode,
+                num_samples=tcfg.num_samples,
                 max_concurrent_trials=plan.concurrent_trials,
                 search_alg=PrunedAwareOptunaSearch(
-                    space=distributions, metric=tcfg.metric, mode=tcfg.mode,
+                    space=distributions,
+                    metric=tcfg.metric,
+                    mode=tcfg.mode,
                     sampler=optuna.samplers.TPESampler(seed=tcfg.seed),
-                    storage=_optuna_storage(storage, job_name), study_name=job_name,
+                    storage=_optuna_storage(storage, job_name),
+                    study_name=job_name,
                 ),
                 scheduler=_scheduler(tcfg, experiment),
                 time_budget_s=tcfg.time_budget_s,
             ),
             run_config=tune.RunConfig(
-                name=job_name, storage_path=storage,
+                name=job_name,
+                storage_path=storage,
                 failure_config=tune.FailureConfig(max_failures=tcfg.max_failures),
                 verbose=1,
             ),
@@ -273,9 +310,12 @@ def _scheduler(tcfg: TuneConfig, experiment: ExperimentFile):
         epochs = int(experiment.search["train.epochs"].high)
     # max_t one past the last epoch: with max_t == epochs ASHA "stops" every trial on its
     # final report, racing the trial's own end-of-run bookkeeping.
-    return ASHAScheduler(time_attr="training_iteration", max_t=epochs + 1,
-                         grace_period=tcfg.scheduler.grace_period,
-                         reduction_factor=tcfg.scheduler.reduction_factor)
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=epochs + 1,
+        grace_period=tcfg.scheduler.grace_period,
+        reduction_factor=tcfg.scheduler.reduction_factor,
+    )
 
 
 def trial_status(result) -> str:
@@ -284,34 +324,57 @@ def trial_status(result) -> str:
     metrics = result.metrics or {}
     if not metrics:
         return "failed"
-    if metrics.get("early_stopped"):
-        return "early_stopped"
-    return "pruned" if cut_short(metrics) else "finished"
+    if metrics.get("epoch", -1) + 1 >= metrics.get("epochs_planned", 0):
+        return "finished"  # ran every epoch (even if patience ran out on the last one)
+    return "early_stopped" if metrics.get("early_stopped") else "pruned"
 
 
-_MLFLOW_STATUS = {"finished": "FINISHED", "early_stopped": "FINISHED", "pruned": "KILLED",
-                  "failed": "FAILED"}
+_MLFLOW_STATUS = {
+    "finished": "FINISHED",
+    "early_stopped": "FINISHED",
+    "pruned": "KILLED",
+    "failed": "FAILED",
+    "interrupted": "KILLED",
+}
 
 
-def _finish_job(tracker: Tracker, exp_name: str, parent_run_id: str, job_name: str,
-                experiment: ExperimentFile, results) -> TuneSummary:
+def _finish_job(
+    tracker: Tracker,
+    exp_name: str,
+    parent_run_id: str,
+    job_name: str,
+    experiment: ExperimentFile,
+    results,
+) -> TuneSummary:
     """Close every child run with its real status (pruned trials as KILLED), test the best
     trial once, and give the parent run its trials table, plots and best-trial summary."""
     tcfg = experiment.tune
+    # Ctrl-C (issue 7): Tune saved the job's state, then stopped the trials and returned. The
+    # saved state (not `results`, whose trials are stopped by now) tells which trials did not
+    # finish; their runs and the parent are closed KILLED, which `--resume` looks for.
+    saved = tune.ExperimentAnalysis(results.experiment_path)
+    unfinished = {t.trial_id for t in saved.trials if t.status not in ("TERMINATED", "ERROR")}
     rows = []
     for result in results:
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path).name
         status = trial_status(result)
+        if trial_id in unfinished:
+            status = "interrupted"
         run = tracker.find_run(exp_name, f"{job_name}/{trial_id}")
-        row = {"trial_id": trial_id, "status": status,
-               "epochs_run": (metrics.get("epoch", -1) + 1) if metrics else 0,
-               **{k: result.config.get(k) for k in experiment.search},
-               "val/f1": metrics.get("val/f1"), "val/recall": metrics.get("val/recall"),
-               "val/precision": metrics.get("val/precision"), "val/auroc": metrics.get("val/auroc"),
-               tcfg.metric: metrics.get(tcfg.metric),
-               "checkpoint_path": metrics.get("checkpoint_path"),
-               "run_id": run.info.run_id if run else None}
+        row = {
+            "trial_id": trial_id,
+            "status": status,
+            "epochs_run": (metrics.get("epoch", -1) + 1) if metrics else 0,
+            **{k: result.config.get(k) for k in experiment.search},
+            "val/f1": metrics.get("val/f1"),
+            "val/recall": metrics.get("val/recall"),
+            "val/precision": metrics.get("val/precision"),
+            "val/auroc": metrics.get("val/auroc"),
+            tcfg.metric: metrics.get(tcfg.metric),
+            "checkpoint_path": metrics.get("checkpoint_path"),
+            "run_id": run.info.run_id if run else None,
+        }
         if run is not None:
             tags = {"crackray.trial_status": status}
             if result.error is not None:
@@ -319,6 +382,14 @@ def _finish_job(tracker: Tracker, exp_name: str, parent_run_id: str, job_name: s
             tracker.set_tags(run.info.run_id, tags)
             tracker.end_run(run.info.run_id, _MLFLOW_STATUS[status])
         rows.append(row)
+    if unfinished:
+        tracker.end_run(parent_run_id, "KILLED")
+        tracker.flush(timeout_s=60)
+        raise CrackrayError(
+            f"tuning job {job_name} interrupted; Ray Tune saved its state in "
+            f"{results.experiment_path}: continue it with `crackray tune "
+            f"<file> --resume`"
+        )
 
     sign = 1 if tcfg.mode == "max" else -1
     scored = [r for r in rows if r[tcfg.metric] is not None and r["status"] != "failed"]
@@ -334,9 +405,14 @@ def _finish_job(tracker: Tracker, exp_name: str, parent_run_id: str, job_name: s
     tracker.end_run(parent_run_id, "FINISHED")
     tracker.flush(timeout_s=60)
     ordered = scored + [r for r in rows if r not in scored]
-    return TuneSummary(exp_name, parent_run_id, tracker.uri,
-                       format_table(ordered, list(experiment.search), tcfg.metric), ordered,
-                       best_test)
+    return TuneSummary(
+        exp_name,
+        parent_run_id,
+        tracker.uri,
+        format_table(ordered, list(experiment.search), tcfg.metric),
+        ordered,
+        best_test,
+    )
 
 
 def _test_best(tracker: Tracker, best: dict) -> dict:
@@ -349,8 +425,9 @@ def _test_best(tracker: Tracker, best: dict) -> dict:
     return evaluate_on_test(tracker, best["run_id"], local)
 
 
-def _log_job_artifacts(tracker: Tracker, parent_run_id: str, rows: list[dict],
-                       experiment: ExperimentFile) -> None:
+def _log_job_artifacts(
+    tracker: Tracker, parent_run_id: str, rows: list[dict], experiment: ExperimentFile
+) -> None:
     buffer = io.StringIO()
     if rows:
         writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
@@ -362,23 +439,24 @@ def _log_job_artifacts(tracker: Tracker, parent_run_id: str, rows: list[dict],
         points = [(r[key], r[metric]) for r in rows if r[metric] is not None]
         if not points:
             continue
-        fig = plots.param_figure(points, key, metric,
-                                 log=experiment.search[key].log)
+        fig = plots.param_figure(points, key, metric, log=experiment.search[key].log)
         tracker.log_figure(parent_run_id, fig, f"params/{key}.png")
         plots.close(fig)
 
 
 def format_table(rows: list[dict], params: list[str], metric: str, top: int = 10) -> str:
     """The end-of-job terminal table of the top trials."""
-    columns = ["trial_id", "status", "epochs_run", *params, "val/f1", "val/recall",
-               "val/precision"]
+    columns = ["trial_id", "status", "epochs_run", *params, "val/f1", "val/recall", "val/precision"]
+
     def cell(value):
         if isinstance(value, float):
             return f"{value:.4g}"
         return "-" if value is None else str(value)
+
     body = [[cell(r.get(c)) for c in columns] for r in rows[:top]]
-    widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c)
-              for i, c in enumerate(columns)]
+    widths = [
+        max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(columns)
+    ]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(b, widths, strict=True)) for b in body]
     return f"top trials by {metric}:\n" + "\n".join(lines)

@@ -7,8 +7,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import crackray  # noqa: F401  (before anything imports torchvision)
 import pytest
+
+import crackray  # noqa: F401  (before anything imports torchvision)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -28,8 +29,13 @@ def ray_session(tmp_path_factory):
     import ray
 
     temp = Path(tempfile_short())
-    ray.init(num_cpus=2, _temp_dir=str(temp), configure_logging=True, logging_level="ERROR",
-             include_dashboard=False)
+    ray.init(
+        num_cpus=2,
+        _temp_dir=str(temp),
+        configure_logging=True,
+        logging_level="ERROR",
+        include_dashboard=False,
+    )
     yield ray
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)
@@ -51,7 +57,11 @@ def cli(tmp_path):
         inherited = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
         return subprocess.run(
             [str(Path(os.sys.executable).parent / "crackray"), *map(str, args)],
-            cwd=cwd or tmp_path, env={**inherited, **(env or {})}, capture_output=True, text=True, timeout=timeout,
+            cwd=cwd or tmp_path,
+            env={**inherited, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
 
     return run

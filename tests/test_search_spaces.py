@@ -47,8 +47,14 @@ def _write(tmp_path, search: dict, base: dict | None = None) -> Path:
     [
         ({"optim.lr": {"type": "beta", "low": 0.1, "high": 1}}, "search.optim.lr.type"),
         ({"optim.lr": {"type": "float", "low": 1.0, "high": 0.1}}, "low (1.0) must be <= high"),
-        ({"optim.lr": {"type": "float", "low": 0.0, "high": 0.1, "log": True}}, "log scale needs low > 0"),
-        ({"optim.learning_rate": {"type": "float", "low": 0.1, "high": 1}}, "'optim.learning_rate' is not a key of base"),
+        (
+            {"optim.lr": {"type": "float", "low": 0.0, "high": 0.1, "log": True}},
+            "log scale needs low > 0",
+        ),
+        (
+            {"optim.learning_rate": {"type": "float", "low": 0.1, "high": 1}},
+            "'optim.learning_rate' is not a key of base",
+        ),
         ({"loss.name": {"type": "categorical", "choices": []}}, "non-empty 'choices'"),
     ],
 )
@@ -65,7 +71,9 @@ def test_unknown_base_key_is_an_error(tmp_path):
 
 
 def test_searched_value_that_does_not_validate(tmp_path):
-    path = _write(tmp_path, {"model.name": {"type": "categorical", "choices": ["simple_cnn", "vgg99"]}})
+    path = _write(
+        tmp_path, {"model.name": {"type": "categorical", "choices": ["simple_cnn", "vgg99"]}}
+    )
     with pytest.raises(ConfigError, match="vgg99"):
         check_search_values(load_experiment(path))
 
@@ -93,8 +101,9 @@ def test_resource_plan_on_two_cpus_leaves_cpu_for_ingest():
 
 def test_resource_plan_scales_with_the_cluster_and_gpus():
     experiment = load_experiment(SPACES[[p.name for p in SPACES].index("quickstart.yaml")])
-    tune_cfg = experiment.tune.model_copy(update={"max_concurrent_trials": 8, "gpus_per_worker": 1.0,
-                                                  "cpus_per_worker": 2.0})
+    tune_cfg = experiment.tune.model_copy(
+        update={"max_concurrent_trials": 8, "gpus_per_worker": 1.0, "cpus_per_worker": 2.0}
+    )
     plan = plan_resources(tune_cfg, {"CPU": 32.0, "GPU": 4.0})
     assert plan.concurrent_trials == 2  # 4 GPUs / (2 workers x 1 GPU)
     assert plan.cpus_for_ingest == 32.0 - 2 * 2 * 2.0

@@ -19,8 +19,12 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 TINY_BASE = {
-    "data": {"path": "data/demo", "synthetic_if_missing": True, "synthetic_n": 96,
-             "image_size": 32},
+    "data": {
+        "path": "data/demo",
+        "synthetic_if_missing": True,
+        "synthetic_n": 96,
+        "image_size": 32,
+    },
     "model": {"name": "test_tiny"},
     "train": {"epochs": 2, "batch_size": 16, "early_stopping_patience": 5},
 }
@@ -36,15 +40,18 @@ def write_space(folder: Path, *, search: dict, tune: dict, base: dict | None = N
 def runs_of(store: Path, kind: str):
     client = MlflowClient(f"sqlite:///{store}")
     experiment = client.get_experiment_by_name("tiny")
-    return client.search_runs([experiment.experiment_id],
-                              filter_string=f"tags.`crackray.kind` = '{kind}'")
+    return client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`crackray.kind` = '{kind}'"
+    )
 
 
 def test_three_trials_give_one_parent_three_children(tmp_path, cli):
     space = write_space(
         tmp_path,
-        search={"optim.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
-                "loss.name": {"type": "categorical", "choices": ["bce", "focal"]}},
+        search={
+            "optim.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
+            "loss.name": {"type": "categorical", "choices": ["bce", "focal"]},
+        },
         tune={"num_samples": 3, "scheduler": {"name": "fifo"}},
     )
     result = cli("tune", space)
@@ -60,7 +67,9 @@ def test_three_trials_give_one_parent_three_children(tmp_path, cli):
     parent_files = {f.path for f in client.list_artifacts(parent.info.run_id)}
     assert {"tiny.yaml", "trials.csv", "best_trial.json", "params"} <= parent_files
     assert {f.path for f in client.list_artifacts(parent.info.run_id, "params")} == {
-        "params/optim.lr.png", "params/loss.name.png"}
+        "params/optim.lr.png",
+        "params/loss.name.png",
+    }
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert child.info.status == "FINISHED"
@@ -69,11 +78,13 @@ def test_three_trials_give_one_parent_three_children(tmp_path, cli):
             assert sorted(steps) == [0, 1], (key, steps)
         # The searched params are logged once, with the trial's values.
         assert float(child.data.params["optim.lr"]) == pytest.approx(
-            float(child.data.params["optim.lr"]))
+            float(child.data.params["optim.lr"])
+        )
         files = {f.path for f in client.list_artifacts(child.info.run_id, "val")}
         assert "val/confusion_matrix.png" in files and "val/confusion_matrix.json" in files
         assert [f.path for f in client.list_artifacts(child.info.run_id, "checkpoints")] == [
-            "checkpoints/best_model.pt"]
+            "checkpoints/best_model.pt"
+        ]
     best_id = parent.data.tags["crackray.best_run_id"]
     best = client.get_run(best_id)
     assert "test/f1" in best.data.metrics and "test/tuned/f1" in best.data.metrics
@@ -85,15 +96,21 @@ def test_asha_prunes_a_trial_and_optuna_records_it(tmp_path, cli):
     space = write_space(
         tmp_path,
         search={"optim.lr": {"type": "categorical", "choices": [1e-7, 1e-2]}},
-        tune={"num_samples": 4, "metric": "val/loss", "mode": "min", "seed": 3,
-              "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2}},
+        tune={
+            "num_samples": 4,
+            "metric": "val/loss",
+            "mode": "min",
+            "seed": 3,
+            "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
+        },
         base={**TINY_BASE, "train": {**TINY_BASE["train"], "epochs": 3}},
     )
     result = cli("tune", space)
     assert result.returncode == 0, result.stderr[-3000:]
     children = runs_of(tmp_path / "mlflow.db", "trial")
-    statuses = {c.data.tags["crackray.trial_id"]: c.data.tags["crackray.trial_status"]
-                for c in children}
+    statuses = {
+        c.data.tags["crackray.trial_id"]: c.data.tags["crackray.trial_status"] for c in children
+    }
     pruned = [t for t, s in statuses.items() if s == "pruned"]
     assert pruned, statuses
     for child in children:
@@ -101,8 +118,9 @@ def test_asha_prunes_a_trial_and_optuna_records_it(tmp_path, cli):
             assert child.info.status == "KILLED"
 
     job = runs_of(tmp_path / "mlflow.db", "tune")[0].data.tags["crackray.job_name"]
-    study = optuna.load_study(study_name=job,
-                              storage=f"sqlite:///{tmp_path / 'ray_results' / job / 'optuna.db'}")
+    study = optuna.load_study(
+        study_name=job, storage=f"sqlite:///{tmp_path / 'ray_results' / job / 'optuna.db'}"
+    )
     states = [t.state for t in study.trials]
     assert states.count(optuna.trial.TrialState.PRUNED) == len(pruned)
     assert states.count(optuna.trial.TrialState.COMPLETE) == len(children) - len(pruned)
@@ -116,9 +134,14 @@ def test_resume_after_sigkill_does_not_rerun_finished_trials(tmp_path):
     )
     crackray = str(Path(sys.executable).parent / "crackray")
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    driver = subprocess.Popen([crackray, "tune", str(space)], cwd=tmp_path, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+    driver = subprocess.Popen(
+        [crackray, "tune", str(space)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         # The second trial's Train run folder appears once the first trial has finished.
         deadline = time.monotonic() + 400
@@ -137,8 +160,14 @@ def test_resume_after_sigkill_does_not_rerun_finished_trials(tmp_path):
 
     first = runs_of(tmp_path / "mlflow.db", "trial")
     assert len(first) >= 1
-    resumed = subprocess.run([crackray, "tune", str(space), "--resume"], cwd=tmp_path, env=env,
-                             capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        [crackray, "tune", str(space), "--resume"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     parents = runs_of(tmp_path / "mlflow.db", "tune")
