@@ -313,7 +313,7 @@ def _scheduler(tcfg: TuneConfig, experiment: ExperimentFile):
     return ASHAScheduler(
         time_attr="training_iteration",
         max_t=epochs + 1,
-        grace_period=tcfg.scheduler.grace_period,
+        grace_period=min(tcfg.scheduler.grace_period, epochs),  # ASHA needs grace <= max_t
         reduction_factor=tcfg.scheduler.reduction_factor,
     )
 

@@ -1,0 +1,205 @@
+"""`crackray predict`: evaluation-identical tile probabilities, error rows for bad files,
+photo tiling into maps, model references (local file, registry alias), the Ray Data path."""
+
+from __future__ import annotations
+
+import csv
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from crackray import checkpoints
+from crackray.config import RunConfig
+from crackray.data.prepare import prepare_synthetic
+from crackray.data.shards import read_split_table
+from crackray.errors import CrackrayError
+from crackray.models import create_model
+from crackray.predict import load_predictor, predict, read_pieces
+
+IMAGE_SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    """A seeded, untrained test_tiny model on a small synthetic dataset (no training needed:
+    the tests compare two ways of computing the same probabilities)."""
+    root = tmp_path_factory.mktemp("predict")
+    prepare_synthetic(root / "data", n=60, seed=3)
+    cfg = RunConfig.model_validate({"model": {"name": "test_tiny"},
+                                    "data": {"path": str(root / "data"),
+                                             "image_size": IMAGE_SIZE}})
+    torch.manual_seed(0)
+    model = create_model("test_tiny", pretrained=False, dropout=0.0, image_size=IMAGE_SIZE)
+    return checkpoints.save_model_file(root / "best_model.pt", checkpoints.cpu_state(model), cfg,
+                                       threshold=0.5)
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def _write_test_tiles(model_file: Path, folder: Path) -> dict[str, Path]:
+    """The test split's stored tile bytes, written unchanged to files: path -> file."""
+    cfg = RunConfig.model_validate(checkpoints.load_model_file(model_file)["config"])
+    folder.mkdir()
+    out = {}
+    for i, row in enumerate(read_split_table(cfg.data.path, "test", ["path", "image"]).to_pylist()):
+        target = folder / f"{i:03d}.jpg"
+        target.write_bytes(row["image"])
+        out[row["path"]] = target
+    return out
+
+
+@pytest.mark.slow
+def test_tile_probability_equals_evaluation(model_file, tmp_path, ray_session):
+    from crackray.train import predict_split
+
+    model, cfg, _ = checkpoints.build_model_from_file(model_file)
+    evaluated = predict_split(model, cfg, "test")
+    files = _write_test_tiles(model_file, tmp_path / "tiles")
+    result = predict(str(model_file), [tmp_path / "tiles"], tmp_path / "out", batch_size=5)
+    by_file = {r["path"]: float(r["probability"]) for r in result.rows}
+    assert len(by_file) == len(evaluated.paths) == len(files)
+    for path, prob in zip(evaluated.paths, evaluated.probs, strict=True):
+        assert by_file[str(files[path])] == pytest.approx(float(prob), abs=1e-5)
+    # Decisions follow "crack iff probability >= threshold".
+    for row in result.rows:
+        assert row["decision"] == ("crack" if float(row["probability"]) >= 0.5 else "no_crack")
+
+
+def _bomb_png(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height pixels (a decompression bomb)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
+
+
+def test_bad_files_get_error_rows_and_the_rest_is_predicted(model_file, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    good = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8))
+    good.save(folder / "good.png")
+    good.save(folder / "good2.jpg")
+    jpeg = (folder / "good2.jpg").read_bytes()
+    (folder / "corrupt.jpg").write_bytes(jpeg[: len(jpeg) // 3])
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "bomb.png").write_bytes(_bomb_png(8_000, 6_000))
+
+    result = predict(str(model_file), [folder], tmp_path / "out", write_json=True)
+    rows = {Path(r["path"]).name: r for r in result.rows}
+    assert set(rows) == {"good.png", "good2.jpg", "corrupt.jpg", "notes.txt", "bomb.png"}
+    for name in ("good.png", "good2.jpg"):
+        assert rows[name]["error"] == ""
+        assert 0.0 <= float(rows[name]["probability"]) <= 1.0
+    assert "not an image" in rows["notes.txt"]["error"]
+    assert "cannot decode" in rows["corrupt.jpg"]["error"]
+    assert "exceeds the limit" in rows["bomb.png"]["error"]
+    for name in ("notes.txt", "corrupt.jpg", "bomb.png"):
+        assert rows[name]["decision"] == "error" and rows[name]["probability"] == ""
+    assert result.errors == 3 and result.pieces == 2
+    assert len(_read_csv(result.csv_path)) == 5
+    payload = json.loads(result.json_path.read_text())
+    assert payload["threshold"] == 0.5 and len(payload["predictions"]) == 5
+
+
+def test_photo_is_tiled_into_a_map_and_overlay(model_file, tmp_path):
+    rng = np.random.default_rng(1)
+    photo = rng.integers(0, 255, (128, 160, 3), np.uint8)  # height 128, width 160
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    Image.fromarray(photo[:64, :64]).save(tmp_path / "corner.png")  # window (0, 0) as a tile
+
+    result = predict(str(model_file), [tmp_path / "photo.png", tmp_path / "corner.png"],
+                     tmp_path / "out", tile=64, stride=32)
+    windows = [r for r in result.rows if r["tile"]]
+    # x in 0, 32, 64, 96 and y in 0, 32, 64: 4 x 3 windows, each flush inside the photo.
+    assert sorted(r["tile"] for r in windows) == sorted(
+        f"{x},{y}" for x in (0, 32, 64, 96) for y in (0, 32, 64))
+    corner = next(r for r in result.rows if r["path"].endswith("corner.png"))
+    first = next(r for r in windows if r["tile"] == "0,0")
+    assert float(first["probability"]) == pytest.approx(float(corner["probability"]), abs=1e-5)
+    maps = {p.name: p for p in result.maps}
+    assert set(maps) == {"photo_prob.png", "photo_overlay.png"}
+    assert Image.open(maps["photo_overlay.png"]).size == (160, 128)
+    # The map's top-left pixel is covered by window (0, 0) only.
+    corner_value = np.asarray(Image.open(maps["photo_prob.png"]))[0, 0]
+    assert corner_value == round(float(first["probability"]) * 255)
+
+
+def test_pieces_of_a_tile_match_evaluation_decode(model_file, tmp_path):
+    from crackray.data.transforms import decode_images
+
+    data = read_split_table(
+        RunConfig.model_validate(checkpoints.load_model_file(model_file)["config"]).data.path,
+        "val", ["image"]).column("image")[0].as_py()
+    (tmp_path / "t.jpg").write_bytes(data)
+    [piece] = read_pieces(tmp_path / "t.jpg", 0, image_size=IMAGE_SIZE, tile=256, stride=256)
+    np.testing.assert_array_equal(piece["image"], decode_images([data], IMAGE_SIZE)[0])
+
+
+def test_model_without_threshold_defaults_to_half(model_file, tmp_path):
+    payload = checkpoints.load_model_file(model_file)
+    cfg = RunConfig.model_validate(payload["config"])
+    bare = checkpoints.save_model_file(tmp_path / "best_model.pt", payload["model_state"], cfg)
+    predictor = load_predictor(str(bare))
+    assert predictor.threshold == 0.5 and "no calibrated threshold" in predictor.threshold_source
+    with pytest.raises(CrackrayError, match="no such model file"):
+        load_predictor(str(tmp_path / "missing.pt"))
+
+
+def test_registry_alias_and_unknown_alias(model_file, tmp_path, cli):
+    from crackray.select import CrackProbability
+    from crackray.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(uri)
+    run_id = tracker.find_or_create_run("predict-test", "k", run_name="r", kind="select")
+    model, _, _ = checkpoints.build_model_from_file(model_file)
+    logged_file = tmp_path / "crackray_model.pt"  # the name `select` logs the model file under
+    logged_file.write_bytes(model_file.read_bytes())
+    example = np.zeros((2, 3, IMAGE_SIZE, IMAGE_SIZE), np.float32)
+    model_uri = tracker.log_pytorch_model(
+        run_id, CrackProbability(model), input_example=example,
+        output_example=np.zeros(2, np.float32), metadata={"threshold": 0.5},
+        extra_files=[str(logged_file)])
+    version = tracker.register(model_uri, "crackray-test", "champion")
+
+    predictor = load_predictor("models:/crackray-test@champion", tracking_uri=uri)
+    assert predictor.threshold == 0.5
+    assert load_predictor(f"models:/crackray-test/{version}", tracking_uri=uri).threshold == 0.5
+    with pytest.raises(CrackrayError, match=r"no alias or version 'nope' \(aliases: champion\)"):
+        load_predictor("models:/crackray-test@nope", tracking_uri=uri)
+    with pytest.raises(CrackrayError, match="no registered model 'other'"):
+        load_predictor("models:/other@champion", tracking_uri=uri)
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
+    done = cli("predict", "models:/crackray-test@nope", tmp_path / "x.png", "--out",
+               tmp_path / "o", "--tracking-uri", uri)
+    assert done.returncode == 2
+    assert "error: registered model 'crackray-test' has no alias" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_ray_data_path_matches_local(model_file, tmp_path, ray_session):
+    files = list(_write_test_tiles(model_file, tmp_path / "tiles").values())[:4]
+    (tmp_path / "tiles" / "zz.txt").write_text("nope")
+    local = predict(str(model_file), [tmp_path / "tiles"], tmp_path / "a")
+    distributed = predict(str(model_file), [tmp_path / "tiles"], tmp_path / "b", batch_size=3,
+                          ray_threshold=2)
+    assert len(local.rows) == len(list((tmp_path / "tiles").iterdir())) > len(files)
+    assert [r["path"] for r in distributed.rows] == [r["path"] for r in local.rows]
+    for a, b in zip(local.rows, distributed.rows, strict=True):
+        assert a["error"] == b["error"] and a["decision"] == b["decision"]
+        if a["probability"]:
+            assert float(a["probability"]) == pytest.approx(float(b["probability"]), abs=1e-5)
