@@ -38,8 +38,11 @@ _SECRET_KEYS = re.compile(r"(password|token|secret|api_key|apikey)", re.IGNORECA
 # MLflow's HTTP client retries a dead server with exponential backoff for minutes (7 retries,
 # factor 2) before it raises, which would stall a training epoch: crackray buffers and
 # retries writes itself, so each request fails fast. Values a user sets in the environment win.
-_FAST_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-              "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+_FAST_HTTP = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+}
 READ_PATIENCE_S = 600.0  # how long a worker's read waits for a tracking server to come back
 RETRY_EVERY_S = 10.0  # while writes are buffered, how often a new write retries the backlog
 
@@ -162,8 +165,10 @@ class Tracker:
         if unfinished:
             query += " and attributes.status != 'FINISHED'"
         runs = self.client.search_runs(
-            [self.experiment_id(experiment)], filter_string=query,
-            order_by=["attributes.start_time DESC"], max_results=1,
+            [self.experiment_id(experiment)],
+            filter_string=query,
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
         )
         return runs[0] if runs else None
 
@@ -187,7 +192,9 @@ class Tracker:
         all_tags = {KEY_TAG: key, KIND_TAG: kind, **(tags or {})}
         if parent_run_id:
             all_tags[PARENT_TAG] = parent_run_id
-        run = self.client.create_run(self.experiment_id(experiment), run_name=run_name, tags=all_tags)
+        run = self.client.create_run(
+            self.experiment_id(experiment), run_name=run_name, tags=all_tags
+        )
         return run.info.run_id
 
     # -- writes (buffered when the server is away) ---------------------------------------
@@ -228,7 +235,9 @@ class Tracker:
                 continue
             self._pending.pop(0)
         if self._warned:
-            warnings.warn(f"MLflow at {redact(self.uri)} is back; buffered writes sent", stacklevel=2)
+            warnings.warn(
+                f"MLflow at {redact(self.uri)} is back; buffered writes sent", stacklevel=2
+            )
             self._warned = False
         return True
 
@@ -262,8 +271,11 @@ class Tracker:
             except Exception as exc:  # noqa: BLE001 - outage: wait; a real answer: raise
                 if _rejected(exc) or time.monotonic() >= deadline:
                     raise
-                warnings.warn(f"MLflow at {redact(self.uri)} unreachable "
-                              f"({type(exc).__name__}); waiting to read {key}", stacklevel=2)
+                warnings.warn(
+                    f"MLflow at {redact(self.uri)} unreachable "
+                    f"({type(exc).__name__}); waiting to read {key}",
+                    stacklevel=2,
+                )
                 time.sleep(2.0)
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
@@ -290,7 +302,9 @@ class Tracker:
         self._call(send)
 
     def log_json(self, run_id: str, data: Any, artifact_file: str) -> None:
-        self._call(self.client.log_text, run_id, json.dumps(data, indent=2, default=str), artifact_file)
+        self._call(
+            self.client.log_text, run_id, json.dumps(data, indent=2, default=str), artifact_file
+        )
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self._call(self.client.log_text, run_id, text, artifact_file)
@@ -317,14 +331,21 @@ class Tracker:
         """The most recent run of `kind` in `experiment` (by name), or in any experiment."""
         if experiment is not None:
             if self.client.get_experiment_by_name(experiment) is None:
-                raise TrackingError(f"no MLflow experiment named {experiment!r} in "
-                                    f"{redact(self.uri)}")
+                raise TrackingError(
+                    f"no MLflow experiment named {experiment!r} in {redact(self.uri)}"
+                )
             return self.latest_run(experiment, kind=kind)
         ids = [e.experiment_id for e in self.client.search_experiments()]
-        runs = self.client.search_runs(
-            ids, filter_string=f"tags.`{KIND_TAG}` = '{kind}'",
-            order_by=["attributes.start_time DESC"], max_results=1,
-        ) if ids else []
+        runs = (
+            self.client.search_runs(
+                ids,
+                filter_string=f"tags.`{KIND_TAG}` = '{kind}'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
+            if ids
+            else []
+        )
         return runs[0] if runs else None
 
     def child_runs(self, parent_run_id: str, kind: str | None = None) -> list:
@@ -334,16 +355,30 @@ class Tracker:
         query = f"tags.`{PARENT_TAG}` = '{parent_run_id}'"
         if kind:
             query += f" and tags.`{KIND_TAG}` = '{kind}'"
-        return list(reversed(self.client.search_runs(
-            [parent.info.experiment_id], filter_string=query,
-            order_by=["attributes.start_time DESC"], max_results=10000,
-        )))
+        return list(
+            reversed(
+                self.client.search_runs(
+                    [parent.info.experiment_id],
+                    filter_string=query,
+                    order_by=["attributes.start_time DESC"],
+                    max_results=10000,
+                )
+            )
+        )
 
     def metric_history(self, run_id: str, key: str) -> dict[int, float]:
         return {m.step: m.value for m in self.client.get_metric_history(run_id, key)}
 
-    def log_pytorch_model(self, run_id: str, model, *, input_example, output_example,
-                          metadata: dict, extra_files: list[str]) -> str:
+    def log_pytorch_model(
+        self,
+        run_id: str,
+        model,
+        *,
+        input_example,
+        output_example,
+        metadata: dict,
+        extra_files: list[str],
+    ) -> str:
         """`mlflow.pytorch.log_model` into `run_id` with an explicit signature; returns the
         model URI. `input_example` must hold >= 2 samples, or the saved signature pins the
         batch size to 1."""
@@ -354,9 +389,12 @@ class Tracker:
         mlflow.set_tracking_uri(self.uri)
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pytorch.log_model(
-                model, name="model", input_example=input_example,
+                model,
+                name="model",
+                input_example=input_example,
                 signature=infer_signature(input_example, output_example),
-                metadata=metadata, extra_files=extra_files,
+                metadata=metadata,
+                extra_files=extra_files,
             )
         return info.model_uri
 
@@ -385,8 +423,10 @@ class Tracker:
             return self.client.get_model_version_by_alias(name, alias_or_version)
         except MlflowException:
             known = ", ".join(sorted(registered.aliases)) or "none"
-            raise TrackingError(f"registered model {name!r} has no alias or version "
-                                f"{alias_or_version!r} (aliases: {known})") from None
+            raise TrackingError(
+                f"registered model {name!r} has no alias or version "
+                f"{alias_or_version!r} (aliases: {known})"
+            ) from None
 
     def download_uri(self, artifact_uri: str) -> Path:
         """Download any artifact URI (runs:/..., models:/..., file paths) to a temp folder."""
@@ -394,8 +434,11 @@ class Tracker:
 
         target = tempfile.mkdtemp(prefix="crackray-")
         try:
-            return Path(mlflow.artifacts.download_artifacts(
-                artifact_uri=artifact_uri, dst_path=target, tracking_uri=self.uri))
+            return Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=artifact_uri, dst_path=target, tracking_uri=self.uri
+                )
+            )
         except Exception as exc:  # noqa: BLE001 - MlflowException / OSError alike
             raise TrackingError(f"cannot download {artifact_uri}: {exc}") from None
 
@@ -404,8 +447,20 @@ def server_command(uri: str, host: str, port: int) -> list[str]:
     """`mlflow server` over a local store, with artifacts where crackray writes them."""
     import sys
 
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-               "--host", host, "--port", str(port), "--workers", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     root = _local_artifact_root(uri)
     if root:
         # Experiments created in the UI get the same artifact folder as crackray's own.
