@@ -114,32 +114,29 @@ def prepare_synthetic_cmd(n, out, val, test, seed):
     _print_manifest(manifest, out, time.perf_counter() - start)
 
 
-@prepare.command("cfd")
-@click.argument("src", type=click.Path())
-@click.option("--tile", default=None, type=click.IntRange(16), help="Cut into N x N tiles.")
-@with_split_options
-@friendly_errors
-def prepare_cfd_cmd(src, tile, out, val, test, seed):
-    """CrackForest (images/*.jpg + masks/*.png)."""
-    from crackray.data.prepare import prepare_cfd
+def _masked_layout_command(name: str, prepare_fn: str, doc: str) -> None:
+    """`prepare cfd` / `prepare crack500`: image + mask layouts share every option."""
 
-    start = time.perf_counter()
-    manifest = prepare_cfd(src, out, tile=tile, val=val, test=test, seed=seed)
-    _print_manifest(manifest, out, time.perf_counter() - start)
+    @prepare.command(name, help=doc)
+    @click.argument("src", type=click.Path())
+    @click.option("--tile", default=None, type=click.IntRange(16), help="Cut into N x N tiles.")
+    @with_split_options
+    @friendly_errors
+    def command(src, tile, out, val, test, seed):
+        from crackray.data import prepare as prepare_module
+
+        start = time.perf_counter()
+        prepare_dataset = getattr(prepare_module, prepare_fn)
+        manifest = prepare_dataset(src, out, tile=tile, val=val, test=test, seed=seed)
+        _print_manifest(manifest, out, time.perf_counter() - start)
 
 
-@prepare.command("crack500")
-@click.argument("src", type=click.Path())
-@click.option("--tile", default=None, type=click.IntRange(16), help="Cut into N x N tiles.")
-@with_split_options
-@friendly_errors
-def prepare_crack500_cmd(src, tile, out, val, test, seed):
-    """CRACK500 (*.jpg with same-stem *.png masks; train/val/test lists if present)."""
-    from crackray.data.prepare import prepare_crack500
-
-    start = time.perf_counter()
-    manifest = prepare_crack500(src, out, tile=tile, val=val, test=test, seed=seed)
-    _print_manifest(manifest, out, time.perf_counter() - start)
+_masked_layout_command("cfd", "prepare_cfd", "CrackForest (images/*.jpg + masks/*.png).")
+_masked_layout_command(
+    "crack500",
+    "prepare_crack500",
+    "CRACK500 (*.jpg with same-stem *.png masks; train/val/test lists if present).",
+)
 
 
 # ------------------------------------------------------------------------------------ train

@@ -79,15 +79,14 @@ def test_searched_value_that_does_not_validate(tmp_path):
 
 
 def test_bad_file_fails_before_ray_starts(tmp_path, cli):
-    import ray
-
     path = _write(tmp_path, {"optim.lr": {"type": "float", "low": 1.0, "high": 0.1}})
-    result = cli("tune", path)
+    ray_root = tmp_path / "ray-tmp"  # where a local Ray started by this CLI would live
+    result = cli("tune", path, env={"RAY_TMPDIR": str(ray_root)})
     assert result.returncode == 2
     assert "low (1.0) must be <= high" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "ray_results").exists()
-    assert not ray.is_initialized()
+    assert not ray_root.exists()
 
 
 def test_resource_plan_on_two_cpus_leaves_cpu_for_ingest():
