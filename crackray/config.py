@@ -250,6 +250,8 @@ def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -
 
     Overrides may name `base.`, `search.` or `tune.` keys; a key without one of these prefixes
     is taken as a `base.` key, so `--set optim.lr=3e-4` works for `train` and `tune` alike.
+    `--set "search.optim.lr={type: float, low: 1e-4, high: 1e-2}"` replaces a searched entry
+    and `--set search.optim.lr=null` removes it.
     """
     path = Path(path)
     if not path.is_file():
@@ -263,6 +265,16 @@ def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -
     for key, value in (overrides or {}).items():
         if key.split(".")[0] not in ("base", "search", "tune"):
             key = f"base.{key}"
+        if key.startswith("search."):
+            # Searched names are dotted themselves: `search.optim.lr` is the entry "optim.lr";
+            # null drops it from the search (the base value is then used).
+            search = raw.setdefault("search", {}) or {}
+            raw["search"] = search
+            if value is None:
+                search.pop(key.removeprefix("search."), None)
+            else:
+                search[key.removeprefix("search.")] = value
+            continue
         _check_override_key(raw, key)
         set_dotted(raw, key, value)
     try:

@@ -18,7 +18,7 @@ from crackray.data.pipeline import TEST, VAL
 from crackray.data.shards import read_manifest, read_split_table
 from crackray.engine import EvalOutputs
 from crackray.errors import CrackrayError
-from crackray.evaluation import per_surface_metrics
+from crackray.evaluation import per_surface_metrics, pixel_split_metrics
 from crackray.metrics import (
     best_f1_threshold,
     classification_metrics,
@@ -28,10 +28,11 @@ from crackray.metrics import (
 )
 from crackray.predict import MODEL_FILE_NAMES
 from crackray.tracking import Tracker
-from crackray.train import ensure_ray, predict_split
+from crackray.train import ensure_ray, is_segmentation, predict_split
 
 GALLERY_SIZE = 8  # worst false negatives / false positives shown
 LOSS_KEYS = ["train/loss", "val/loss"]
+SEGDEC_LOSS_KEYS = ["train/seg", "train/dec"]  # segdec's parts of the training loss
 SCORE_KEYS = ["val/precision", "val/recall", "val/f1", "val/auroc"]
 
 
@@ -140,6 +141,8 @@ def _run_page(tracker: Tracker, run, out: Path) -> str:
              "## Decision", "", f"Threshold {threshold:.4f} ({why}); crack iff probability >= "
              "threshold.", "", _decision_table(val, test, threshold), "",
              "## Per surface (test)", "", _surface_table(test, threshold), ""]
+    if is_segmentation(cfg):
+        parts += ["## 2 pixel distance", "", _pixel_table(val, test), ""]
     parts += _curves(tracker, run, out)
     parts += _decision_figures(test, threshold, out)
     parts += _gallery(cfg.data.path, test, threshold, out)
@@ -177,14 +180,26 @@ def _surface_table(test: EvalOutputs, threshold: float) -> str:
                                       for s in surfaces])
 
 
+def _pixel_table(val: EvalOutputs, test: EvalOutputs) -> str:
+    """Pixel metrics with a 2-pixel tolerance: threshold swept on validation, applied to test."""
+    threshold, val_metrics = pixel_split_metrics(val, "val")
+    _, test_metrics = pixel_split_metrics(test, "test", threshold)
+    keys = ["precision", "recall", "f1", "dice", "iou"]
+    rows = [[name, *[m[f"{name}/pixel_{k}"] for k in keys], threshold]
+            for name, m in (("val", val_metrics), ("test", test_metrics))]
+    return table(["split", *keys, "threshold"], rows)
+
+
 def _curves(tracker: Tracker, run, out: Path) -> list[str]:
-    histories = {k: tracker.metric_history(run.info.run_id, k) for k in LOSS_KEYS + SCORE_KEYS}
+    keys = LOSS_KEYS + SEGDEC_LOSS_KEYS + SCORE_KEYS
+    histories = {k: tracker.metric_history(run.info.run_id, k) for k in keys}
     epochs = sorted(set().union(*(h.keys() for h in histories.values())))
     if not epochs:
         return ["## Training curves", "", "(no per-epoch metrics in this run)", ""]
     history = [{"epoch": e, **{k: h.get(e, math.nan) for k, h in histories.items()}}
                for e in epochs]
-    loss = _save(plots.history_figure(history, LOSS_KEYS, "loss", "loss"), out / "loss_curves.png")
+    loss_keys = LOSS_KEYS + [k for k in SEGDEC_LOSS_KEYS if histories[k]]
+    loss = _save(plots.history_figure(history, loss_keys, "loss", "loss"), out / "loss_curves.png")
     score = _save(plots.history_figure(history, SCORE_KEYS, "validation scores (at 0.5)"),
                   out / "score_curves.png")
     return ["## Training curves", "", f"![loss]({loss}) ![scores]({score})", ""]

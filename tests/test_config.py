@@ -175,3 +175,16 @@ def test_sdnet_classifier_base_is_the_documented_one():
     assert {"optim.lr", "loss.pos_weight", "loss.name", "model.name"} <= set(exp.search)
     assert "explicit" in exp.search["loss.class_weighting"].choices  # pos_weight needs it
     assert (exp.tune.metric, exp.tune.mode) == ("val/f1", "max")
+
+
+def test_search_overrides_replace_or_drop_a_searched_entry():
+    from crackray.config import load_experiment, parse_overrides
+
+    path = Path(__file__).resolve().parents[1] / "search_spaces" / "sdnet_classifier.yaml"
+    experiment = load_experiment(path, parse_overrides([
+        "search.model.name={type: categorical, choices: [simple_cnn]}",
+        "search.optim.weight_decay=null",
+    ]))
+    assert experiment.search["model.name"].choices == ["simple_cnn"]
+    assert "optim.weight_decay" not in experiment.search
+    assert "optim.lr" in experiment.search  # the others stay

@@ -137,6 +137,16 @@ def test_two_workers_log_decision_and_pixel_metrics(ray_session, cfd_tiles, tmp_
     assert "checkpoints/best_model.pt" in _artifacts(tracker, run.info.run_id, "checkpoints")
     assert len(result.history) == 2
 
+    # The report carries the results page's 2-pixel-distance table: the same test pixel F1
+    # as the run logged, and the seg / decision loss curves.
+    from crackray.report import build_report
+
+    page = build_report(run.info.run_id, tmp_path / "report",
+                        tracking_uri=tracker.uri).read_text()
+    pixel_table = page.split("## 2 pixel distance")[1].split("##")[0]
+    test_row = next(line for line in pixel_table.splitlines() if line.startswith("| test |"))
+    assert float(test_row.split("|")[4]) == pytest.approx(metrics["test/pixel_f1"], abs=1e-3)
+
 
 @pytest.mark.slow
 def test_mixed_supervision_with_frequency_sampling_trains(ray_session, cfd_tiles, tmp_path):
