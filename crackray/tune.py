@@ -318,6 +318,21 @@ def _scheduler(tcfg: TuneConfig, experiment: ExperimentFile):
     )
 
 
+SCORE_KEYS = ("val/f1", "val/recall", "val/precision", "val/auroc")
+
+
+def best_epoch_scores(result, metric: str, mode: str) -> dict:
+    """A trial's validation scores at its best epoch by the job's metric, not its last one:
+    trials are ranked (and their best checkpoint tested) by what they reached."""
+    frame = result.metrics_dataframe
+    keys = list(dict.fromkeys((*SCORE_KEYS, metric)))
+    if frame is None or metric not in frame or frame[metric].isna().all():
+        last = result.metrics or {}
+        return {key: last.get(key) for key in keys}
+    best = frame.loc[frame[metric].idxmax() if mode == "max" else frame[metric].idxmin()]
+    return {key: (float(best[key]) if key in best else None) for key in keys}
+
+
 def trial_status(result) -> str:
     if result.error is not None:
         return "failed"
@@ -367,11 +382,7 @@ def _finish_job(
             "status": status,
             "epochs_run": (metrics.get("epoch", -1) + 1) if metrics else 0,
             **{k: result.config.get(k) for k in experiment.search},
-            "val/f1": metrics.get("val/f1"),
-            "val/recall": metrics.get("val/recall"),
-            "val/precision": metrics.get("val/precision"),
-            "val/auroc": metrics.get("val/auroc"),
-            tcfg.metric: metrics.get(tcfg.metric),
+            **best_epoch_scores(result, tcfg.metric, tcfg.mode),
             "checkpoint_path": metrics.get("checkpoint_path"),
             "run_id": run.info.run_id if run else None,
         }
