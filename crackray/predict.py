@@ -61,10 +61,19 @@ class Predictor:
         return self.cfg.data.image_size
 
     @torch.no_grad()
+    def predict_batch(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 (B, H, W, 3) at the model's image size -> crack probability (B,) and, for a
+        segmentation model, its crack-probability maps upsampled to H x W (uint8 0..255)."""
+        outputs = self.model(to_model_input(images, self.device))
+        probs = torch.sigmoid(crack_logits(outputs).float()).cpu().numpy()
+        if not isinstance(outputs, tuple):
+            return probs, None
+        seg = torch.sigmoid(outputs[1].float())
+        seg = torch.nn.functional.interpolate(seg, size=images.shape[1:3], mode="bilinear")
+        return probs, (seg[:, 0] * 255).round().to(torch.uint8).cpu().numpy()
+
     def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (B, H, W, 3) at the model's image size -> crack probability (B,)."""
-        logits = crack_logits(self.model(to_model_input(images, self.device)))
-        return torch.sigmoid(logits.float()).cpu().numpy()
+        return self.predict_batch(images)[0]
 
 
 def load_predictor(ref: str, *, tracking_uri: str | None = None,
@@ -211,9 +220,11 @@ def _score(predictor: Predictor, batch: list[dict]) -> None:
     """Set `probability` on every piece of the batch (NaN on error pieces)."""
     good = [p for p in batch if not p["error"]]
     if good:
-        probs = predictor.probabilities(np.stack([p["image"] for p in good]))
-        for p, prob in zip(good, probs, strict=True):
+        probs, seg_maps = predictor.predict_batch(np.stack([p["image"] for p in good]))
+        for i, (p, prob) in enumerate(zip(good, probs, strict=True)):
             p["probability"] = float(prob)
+            if seg_maps is not None:
+                p["seg"] = seg_maps[i]
     for p in batch:
         p.setdefault("probability", math.nan)
         p.pop("image", None)  # keep only the numbers: a big folder must not pile up pixels
@@ -304,6 +315,7 @@ def predict(ref: str, inputs: Iterable[str | Path], out: str | Path, *, tile: in
     seconds = time.perf_counter() - start
     rows = [_row(p, predictor.threshold) for p in pieces]
     maps = _write_maps(pieces, predictor.threshold, tile, out / "maps")
+    maps += _write_masks(pieces, tile, out / "masks")
     csv_path = out / "predictions.csv"
     with csv_path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
@@ -378,3 +390,47 @@ def _write_maps(pieces: list[dict], threshold: float, tile: int, folder: Path) -
             (folder / name).write_bytes(encode_png(array))
             written.append(folder / name)
     return written
+
+
+# ------------------------------------------------------------------------- segmentation masks
+
+MASK_THRESHOLD = 0.5  # pixel probability above which a segdec pixel is drawn as crack
+
+
+def _write_masks(pieces: list[dict], tile: int, folder: Path) -> list[Path]:
+    """Segmentation models: one crack-mask PNG (0 / 255) per input file at its own size;
+    a photo's windows are stitched, averaging where they overlap."""
+    files: dict[int, list[dict]] = {}
+    for p in pieces:
+        if "seg" in p:
+            files.setdefault(p["index"], []).append(p)
+    written, used = [], set()
+    for windows in files.values():
+        first = windows[0]
+        width, height = first["width"], first["height"]
+        if first["x"] < 0:  # a tile: its map covers the whole image
+            prob = _resize_map(first["seg"], width, height)
+        else:
+            total = np.zeros((height, width), np.float32)
+            count = np.zeros((height, width), np.float32)
+            for p in windows:
+                h, w = min(tile, height - p["y"]), min(tile, width - p["x"])
+                window = _resize_map(p["seg"], tile, tile)[:h, :w]
+                total[p["y"]:p["y"] + h, p["x"]:p["x"] + w] += window
+                count[p["y"]:p["y"] + h, p["x"]:p["x"] + w] += 1
+            prob = total / np.maximum(count, 1)
+        stem = Path(first["path"]).stem
+        while stem in used:
+            stem += "_"
+        used.add(stem)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{stem}_mask.png"
+        path.write_bytes(encode_png(((prob >= MASK_THRESHOLD) * 255).astype(np.uint8)))
+        written.append(path)
+    return written
+
+
+def _resize_map(seg: np.ndarray, width: int, height: int) -> np.ndarray:
+    """uint8 0..255 map -> float 0..1 map of the given size."""
+    image = Image.fromarray(seg).resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(image, np.float32) / 255.0
