@@ -53,6 +53,18 @@ class Objective:
         return loss, {}
 
 
+def seg_probabilities(seg_logit: torch.Tensor, size) -> torch.Tensor:
+    """segdec's 1/8-resolution crack logits (B, 1, h, w) -> probabilities (B, H, W) at `size`
+    (the input's), as evaluation, prediction and mask overlays all need them."""
+    seg = torch.sigmoid(seg_logit.float())
+    return torch.nn.functional.interpolate(seg, size=tuple(size), mode="bilinear")[:, 0]
+
+
+def to_uint8_maps(probabilities: torch.Tensor) -> np.ndarray:
+    """Probability maps -> uint8 0..255 (a quarter of the memory for stored maps)."""
+    return (probabilities * 255).round().to(torch.uint8).cpu().numpy()
+
+
 def autocast_for(device: torch.device, bf16: bool):
     """bf16 autocast on GPU; on CPU full precision (CPU autocast is slower for small convs)."""
     if bf16 and device.type == "cuda":
@@ -168,10 +180,8 @@ def evaluate(
             loss_sum=loss.item() * len(batch["label"]),
         )
         if keep_seg_maps and isinstance(outputs, tuple):
-            seg = torch.sigmoid(outputs[1].float())[:, 0]
-            size = batch["mask"].shape[-2:]
-            seg = torch.nn.functional.interpolate(seg[:, None], size=size, mode="bilinear")[:, 0]
-            chunk.seg_probs = list((seg * 255).round().to(torch.uint8).cpu().numpy())
+            seg = seg_probabilities(outputs[1], batch["mask"].shape[-2:])
+            chunk.seg_probs = list(to_uint8_maps(seg))
             chunk.masks = list(batch["mask"].cpu().numpy().astype(np.uint8))
         chunks.append(chunk)
     return EvalOutputs.concat(chunks) if chunks else EvalOutputs()

@@ -13,7 +13,7 @@ import torch
 
 from crackray import plots
 from crackray.data.transforms import to_model_input
-from crackray.engine import EvalOutputs
+from crackray.engine import EvalOutputs, seg_probabilities
 from crackray.metrics import (
     best_f1_threshold,
     classification_metrics,
@@ -124,9 +124,7 @@ def log_mask_overlays(
     next to the ground truth, as the PNG artifact `name` (segdec only)."""
     model.eval()
     dec_logit, seg_logit = model(to_model_input(examples["image"], device))
-    seg = torch.nn.functional.interpolate(
-        torch.sigmoid(seg_logit.float()), size=examples["mask"].shape[-2:], mode="bilinear"
-    )[:, 0]
+    seg = seg_probabilities(seg_logit, examples["mask"].shape[-2:])
     fig = plots.mask_overlay_figure(
         examples["image"],
         examples["mask"],

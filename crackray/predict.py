@@ -31,7 +31,7 @@ from crackray import checkpoints
 from crackray.config import RunConfig
 from crackray.data.images import decode_rgb, encode_png
 from crackray.data.transforms import to_model_input
-from crackray.engine import crack_logits
+from crackray.engine import crack_logits, seg_probabilities, to_uint8_maps
 from crackray.errors import CrackrayError, DataError
 from crackray.tracking import Tracker
 
@@ -68,16 +68,15 @@ class Predictor:
         probs = torch.sigmoid(crack_logits(outputs).float()).cpu().numpy()
         if not isinstance(outputs, tuple):
             return probs, None
-        seg = torch.sigmoid(outputs[1].float())
-        seg = torch.nn.functional.interpolate(seg, size=images.shape[1:3], mode="bilinear")
-        return probs, (seg[:, 0] * 255).round().to(torch.uint8).cpu().numpy()
+        return probs, to_uint8_maps(seg_probabilities(outputs[1], images.shape[1:3]))
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         return self.predict_batch(images)[0]
 
 
-def load_predictor(ref: str, *, tracking_uri: str | None = None,
-                   device: str | None = None) -> Predictor:
+def load_predictor(
+    ref: str, *, tracking_uri: str | None = None, device: str | None = None
+) -> Predictor:
     """MODEL is `models:/NAME@ALIAS` (or `models:/NAME/VERSION`), `runs:/RUN_ID/PATH`, or a
     local model file / folder holding one."""
     model_file = _model_file(ref, tracking_uri)
@@ -86,13 +85,17 @@ def load_predictor(ref: str, *, tracking_uri: str | None = None,
         threshold = float(payload["threshold"])
         source = f"calibrated ({payload.get('criterion', 'select')})"
     else:
-        threshold, source = 0.5, "default 0.5: the model file has no calibrated threshold " \
-                                 "(use a model from `crackray select`)"
+        threshold, source = (
+            0.5,
+            "default 0.5: the model file has no calibrated threshold "
+            "(use a model from `crackray select`)",
+        )
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise CrackrayError("--device cuda: no CUDA GPU is available here")
-    return Predictor(model.to(torch_device).eval(), cfg, threshold, source, model_file,
-                     torch_device)
+    return Predictor(
+        model.to(torch_device).eval(), cfg, threshold, source, model_file, torch_device
+    )
 
 
 def _model_file(ref: str, tracking_uri: str | None) -> Path:
@@ -130,9 +133,12 @@ def collect_inputs(inputs: Iterable[str | Path]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*")
-                            if p.is_file() and not any(part.startswith(".") for part in
-                                                       p.relative_to(path).parts))
+            files += sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
         elif path.exists():
             files.append(path)
         else:
@@ -158,15 +164,23 @@ def _resize(window: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def read_pieces(path: Path, index: int, *, image_size: int, tile: int,
-                stride: int) -> list[dict]:
+def read_pieces(path: Path, index: int, *, image_size: int, tile: int, stride: int) -> list[dict]:
     """The model inputs of one file: one piece for a tile, one per window for a photo, or one
     error piece. Each piece: index, path, x, y (-1 for a tile), width, height, image, error."""
+
     def piece(image=None, x=-1, y=-1, width=0, height=0, error=""):
         if image is None:
             image = np.zeros((image_size, image_size, 3), np.uint8)
-        return {"index": index, "path": str(path), "x": x, "y": y, "width": width,
-                "height": height, "image": image, "error": error}
+        return {
+            "index": index,
+            "path": str(path),
+            "x": x,
+            "y": y,
+            "width": width,
+            "height": height,
+            "image": image,
+            "error": error,
+        }
 
     try:
         data = path.read_bytes()
@@ -181,8 +195,11 @@ def read_pieces(path: Path, index: int, *, image_size: int, tile: int,
         return [piece(error="not an image (unrecognised file format)")]
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for broken files
         return [piece(error=f"cannot decode: {type(exc).__name__}: {exc}")]
-    return [piece(_resize(rgb[y:y + tile, x:x + tile], image_size), x, y, width, height)
-            for y in _starts(height, tile, stride) for x in _starts(width, tile, stride)]
+    return [
+        piece(_resize(rgb[y : y + tile, x : x + tile], image_size), x, y, width, height)
+        for y in _starts(height, tile, stride)
+        for x in _starts(width, tile, stride)
+    ]
 
 
 # ------------------------------------------------------------------------- prediction
@@ -230,12 +247,14 @@ def _score(predictor: Predictor, batch: list[dict]) -> None:
         p.pop("image", None)  # keep only the numbers: a big folder must not pile up pixels
 
 
-def predict_local(predictor: Predictor, files: list[Path], *, tile: int, stride: int,
-                  batch_size: int) -> list[dict]:
+def predict_local(
+    predictor: Predictor, files: list[Path], *, tile: int, stride: int, batch_size: int
+) -> list[dict]:
     def pieces():
         for i, path in enumerate(tqdm(files, desc="predict", unit="file", disable=None)):
-            yield from read_pieces(path, i, image_size=predictor.image_size, tile=tile,
-                                   stride=stride)
+            yield from read_pieces(
+                path, i, image_size=predictor.image_size, tile=tile, stride=stride
+            )
 
     out = []
     for batch in _batches(pieces(), batch_size):
@@ -262,8 +281,9 @@ class _ActorScorer:
         return {k: v for k, v in batch.items() if k != "image"} | {"probability": probs}
 
 
-def predict_ray(predictor: Predictor, files: list[Path], *, tile: int, stride: int,
-                batch_size: int) -> list[dict]:
+def predict_ray(
+    predictor: Predictor, files: list[Path], *, tile: int, stride: int, batch_size: int
+) -> list[dict]:
     """Ray Data batch inference: reading / tiling in tasks, the model on actors."""
     import ray
     import ray.data
@@ -276,22 +296,35 @@ def predict_ray(predictor: Predictor, files: list[Path], *, tile: int, stride: i
     cpus = int(ray.cluster_resources().get("CPU", 1))
     actors = int(ray.cluster_resources().get("GPU", 1)) if gpu else max(1, cpus // 2)
     ds = ray.data.from_items([{"index": i, "path": str(p)} for i, p in enumerate(files)])
-    ds = ds.flat_map(lambda row: read_pieces(Path(row["path"]), row["index"],
-                                             image_size=predictor.image_size, tile=tile,
-                                             stride=stride))
+    ds = ds.flat_map(
+        lambda row: read_pieces(
+            Path(row["path"]),
+            row["index"],
+            image_size=predictor.image_size,
+            tile=tile,
+            stride=stride,
+        )
+    )
     ds = ds.map_batches(
-        _ActorScorer, batch_size=batch_size, batch_format="numpy", concurrency=actors,
+        _ActorScorer,
+        batch_size=batch_size,
+        batch_format="numpy",
+        concurrency=actors,
         num_gpus=1 if gpu else 0,
-        fn_constructor_kwargs={"model_bytes": predictor.model_file.read_bytes(),
-                               "device": predictor.device.type},
+        fn_constructor_kwargs={
+            "model_bytes": predictor.model_file.read_bytes(),
+            "device": predictor.device.type,
+        },
     )
     out = []
     with tqdm(total=len(files), desc="predict (ray)", unit="file", disable=None) as bar:
         seen = set()
         for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
             for i in range(len(batch["index"])):
-                row = {k: batch[k][i].item() if hasattr(batch[k][i], "item") else batch[k][i]
-                       for k in batch}
+                row = {
+                    k: batch[k][i].item() if hasattr(batch[k][i], "item") else batch[k][i]
+                    for k in batch
+                }
                 out.append(row)
                 if row["index"] not in seen:
                     seen.add(row["index"])
@@ -299,10 +332,19 @@ def predict_ray(predictor: Predictor, files: list[Path], *, tile: int, stride: i
     return sorted(out, key=lambda r: (r["index"], r["y"], r["x"]))
 
 
-def predict(ref: str, inputs: Iterable[str | Path], out: str | Path, *, tile: int = 256,
-            stride: int = 256, batch_size: int = 64, write_json: bool = False,
-            device: str | None = None, tracking_uri: str | None = None,
-            ray_threshold: int = RAY_THRESHOLD) -> PredictResult:
+def predict(
+    ref: str,
+    inputs: Iterable[str | Path],
+    out: str | Path,
+    *,
+    tile: int = 256,
+    stride: int = 256,
+    batch_size: int = 64,
+    write_json: bool = False,
+    device: str | None = None,
+    tracking_uri: str | None = None,
+    ray_threshold: int = RAY_THRESHOLD,
+) -> PredictResult:
     if stride < 1 or tile < 1:
         raise CrackrayError("--tile and --stride must be positive")
     predictor = load_predictor(ref, tracking_uri=tracking_uri, device=device)
@@ -324,16 +366,41 @@ def predict(ref: str, inputs: Iterable[str | Path], out: str | Path, *, tile: in
     json_path = None
     if write_json:
         json_path = out / "predictions.json"
-        json_path.write_text(json.dumps({
-            "model": ref, "model_file": str(predictor.model_file),
-            "threshold": predictor.threshold, "threshold_source": predictor.threshold_source,
-            "image_size": predictor.image_size, "tile": tile, "stride": stride,
-            "predictions": [{**r, "probability": None if r["probability"] == "" else
-                             float(r["probability"])} for r in rows],
-        }, indent=2))
+        json_path.write_text(
+            json.dumps(
+                {
+                    "model": ref,
+                    "model_file": str(predictor.model_file),
+                    "threshold": predictor.threshold,
+                    "threshold_source": predictor.threshold_source,
+                    "image_size": predictor.image_size,
+                    "tile": tile,
+                    "stride": stride,
+                    "predictions": [
+                        {
+                            **r,
+                            "probability": None
+                            if r["probability"] == ""
+                            else float(r["probability"]),
+                        }
+                        for r in rows
+                    ],
+                },
+                indent=2,
+            )
+        )
     errors = sum(1 for r in rows if r["error"])
-    return PredictResult(rows, csv_path, json_path, maps, len(files), len(rows) - errors,
-                         errors, seconds, predictor.threshold)
+    return PredictResult(
+        rows,
+        csv_path,
+        json_path,
+        maps,
+        len(files),
+        len(rows) - errors,
+        errors,
+        seconds,
+        predictor.threshold,
+    )
 
 
 def _row(piece: dict, threshold: float) -> dict:
@@ -357,8 +424,8 @@ def probability_map(pieces: list[dict], width: int, height: int, tile: int) -> n
     total = np.zeros((height, width), np.float32)
     count = np.zeros((height, width), np.float32)
     for p in pieces:
-        total[p["y"]:p["y"] + tile, p["x"]:p["x"] + tile] += p["probability"]
-        count[p["y"]:p["y"] + tile, p["x"]:p["x"] + tile] += 1
+        total[p["y"] : p["y"] + tile, p["x"] : p["x"] + tile] += p["probability"]
+        count[p["y"] : p["y"] + tile, p["x"] : p["x"] + tile] += 1
     return total / np.maximum(count, 1)
 
 
@@ -385,8 +452,10 @@ def _write_maps(pieces: list[dict], threshold: float, tile: int, folder: Path) -
             stem += "_"
         used.add(stem)
         folder.mkdir(parents=True, exist_ok=True)
-        for name, array in ((f"{stem}_prob.png", (prob_small * 255).round().astype(np.uint8)),
-                            (f"{stem}_overlay.png", overlay)):
+        for name, array in (
+            (f"{stem}_prob.png", (prob_small * 255).round().astype(np.uint8)),
+            (f"{stem}_overlay.png", overlay),
+        ):
             (folder / name).write_bytes(encode_png(array))
             written.append(folder / name)
     return written
@@ -416,8 +485,8 @@ def _write_masks(pieces: list[dict], tile: int, folder: Path) -> list[Path]:
             for p in windows:
                 h, w = min(tile, height - p["y"]), min(tile, width - p["x"])
                 window = _resize_map(p["seg"], tile, tile)[:h, :w]
-                total[p["y"]:p["y"] + h, p["x"]:p["x"] + w] += window
-                count[p["y"]:p["y"] + h, p["x"]:p["x"] + w] += 1
+                total[p["y"] : p["y"] + h, p["x"] : p["x"] + w] += window
+                count[p["y"] : p["y"] + h, p["x"] : p["x"] + w] += 1
             prob = total / np.maximum(count, 1)
         stem = Path(first["path"]).stem
         while stem in used:

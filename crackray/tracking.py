@@ -164,8 +164,11 @@ class Tracker:
         query = f"tags.`{KIND_TAG}` = '{kind}'"
         if unfinished:
             query += " and attributes.status != 'FINISHED'"
+        return self._newest([self.experiment_id(experiment)], query)
+
+    def _newest(self, experiment_ids: list[str], query: str):
         runs = self.client.search_runs(
-            [self.experiment_id(experiment)],
+            experiment_ids,
             filter_string=query,
             order_by=["attributes.start_time DESC"],
             max_results=1,
@@ -336,17 +339,7 @@ class Tracker:
                 )
             return self.latest_run(experiment, kind=kind)
         ids = [e.experiment_id for e in self.client.search_experiments()]
-        runs = (
-            self.client.search_runs(
-                ids,
-                filter_string=f"tags.`{KIND_TAG}` = '{kind}'",
-                order_by=["attributes.start_time DESC"],
-                max_results=1,
-            )
-            if ids
-            else []
-        )
-        return runs[0] if runs else None
+        return self._newest(ids, f"tags.`{KIND_TAG}` = '{kind}'") if ids else None
 
     def child_runs(self, parent_run_id: str, kind: str | None = None) -> list:
         """Every run whose `mlflow.parentRunId` is `parent_run_id` (optionally of one kind),

@@ -327,14 +327,22 @@ def train_fn_per_worker(config: dict) -> None:
 
 def resolve_data(cfg: RunConfig) -> tuple[RunConfig, dict]:
     """Make `data.path` absolute (workers run elsewhere), create demo data if asked, verify
-    the shards against their manifest; returns the updated config and the manifest."""
+    the shards against their manifest and warn about one-class splits; returns the updated
+    config and the manifest."""
     path = Path(cfg.data.path).expanduser().resolve()
     if not path.exists() and cfg.data.synthetic_if_missing:
         print(f"crackray: making {cfg.data.synthetic_n} synthetic demo tiles in {path}")
         prepare_synthetic(path, n=cfg.data.synthetic_n, seed=cfg.train.seed)
     cfg = cfg.model_copy(deep=True)
     cfg.data.path = str(path)
-    return cfg, verify_dataset(path)
+    manifest = verify_dataset(path)
+    warn_one_class_splits(manifest)  # train and tune alike
+    return cfg, manifest
+
+
+def absolute_storage(path: str) -> str:
+    """Local storage paths made absolute (Ray's workers run elsewhere); URIs kept as they are."""
+    return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
 def warn_one_class_splits(manifest: dict) -> None:
@@ -425,6 +433,14 @@ def predict_split(
     return evaluate(model.to(device), batches, objective, device=device, keep_seg_maps=segmentation)
 
 
+def fetch_best_model(checkpoint: ray.train.Checkpoint) -> Path:
+    """A local copy of a run checkpoint's best-F1 model file (the checkpoint may be remote)."""
+    with checkpoint.as_directory() as folder:
+        local = Path(tempfile.mkdtemp(prefix="crackray-best-")) / checkpoints.BEST_FILE
+        local.write_bytes((Path(folder) / checkpoints.BEST_FILE).read_bytes())
+    return local
+
+
 def evaluate_on_test(tracker: Tracker, run_id: str, model_file: Path) -> dict[str, float]:
     """Test once, with the best checkpoint: metrics at 0.5 and at the val-F1 threshold, the
     per-surface table and the test confusion matrix / curves, all logged to the run."""
@@ -458,15 +474,10 @@ def run_training(
     """`crackray train`: one Ray Train run tracked as one MLflow run, then one test pass."""
     start = time.perf_counter()
     cfg, manifest = resolve_data(cfg)
-    warn_one_class_splits(manifest)
     tracker = Tracker(cfg.tracking.uri)
     tracker.check_reachable()
     experiment = experiment or cfg.tracking.experiment or "crackray"
-    storage = (
-        str(Path(storage_path).expanduser().resolve())
-        if "://" not in storage_path
-        else storage_path
-    )
+    storage = absolute_storage(storage_path)
 
     name = _resumable_run_name(tracker, experiment) if resume else None
     name = name or f"train-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -490,12 +501,10 @@ def run_training(
         storage_path=storage,
     )
     result = trainer.fit()
+    best = fetch_best_model(result.checkpoint)
     with result.checkpoint.as_directory() as folder:
-        best = Path(tempfile.mkdtemp(prefix="crackray-best-")) / checkpoints.BEST_FILE
-        best.write_bytes((Path(folder) / checkpoints.BEST_FILE).read_bytes())
-        history = torch.load(Path(folder) / checkpoints.STATE_FILE, weights_only=True)[
-            "training_state"
-        ]["history"]
+        saved = torch.load(Path(folder) / checkpoints.STATE_FILE, weights_only=True)
+    history = saved["training_state"]["history"]
     test_metrics = evaluate_on_test(tracker, run_id, best)
     tracker.end_run(run_id, "FINISHED")
     tracker.flush(timeout_s=60)

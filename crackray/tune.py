@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +21,19 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from crackray import checkpoints, plots
+from crackray import plots
 from crackray.config import Distribution, ExperimentFile, RunConfig, TuneConfig, with_params
 from crackray.errors import ConfigError, CrackrayError
 from crackray.tracking import Tracker
-from crackray.train import build_trainer, ensure_ray, evaluate_on_test, resolve_data, run_params
+from crackray.train import (
+    absolute_storage,
+    build_trainer,
+    ensure_ray,
+    evaluate_on_test,
+    fetch_best_model,
+    resolve_data,
+    run_params,
+)
 
 DRIVER_MEMORY = 256 * 1024**2  # a trial driver only builds the trainer: no CPU, a little memory
 INGEST_MIN_CPUS = 1.0  # Ray Data's read / decode tasks need at least one free CPU
@@ -218,7 +225,7 @@ def run_tuning(
     tracker = Tracker(base.tracking.uri)
     tracker.check_reachable()
     exp_name = base.tracking.experiment or Path(file).stem
-    storage = _absolute_storage(tcfg.storage_path)
+    storage = absolute_storage(tcfg.storage_path)
 
     previous = tracker.latest_run(exp_name, kind="tune", unfinished=True) if resume else None
     if resume and previous is None:
@@ -286,10 +293,6 @@ def run_tuning(
         )
     results = tuner.fit()
     return _finish_job(tracker, exp_name, parent_run_id, job_name, experiment, results)
-
-
-def _absolute_storage(path: str) -> str:
-    return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
 def _optuna_storage(storage: str, job_name: str):
@@ -430,9 +433,7 @@ def _test_best(tracker: Tracker, best: dict) -> dict:
     """The job's one look at the test split: the best trial's best-F1 checkpoint."""
     if not best.get("checkpoint_path") or not best.get("run_id"):
         return {}
-    with ray.train.Checkpoint(best["checkpoint_path"]).as_directory() as folder:
-        local = Path(tempfile.mkdtemp(prefix="crackray-best-")) / checkpoints.BEST_FILE
-        local.write_bytes((Path(folder) / checkpoints.BEST_FILE).read_bytes())
+    local = fetch_best_model(ray.train.Checkpoint(best["checkpoint_path"]))
     return evaluate_on_test(tracker, best["run_id"], local)
 
 
