@@ -141,6 +141,16 @@ class Distribution(_Strict):
             raise ValueError("int needs whole-number low and high")
         return self
 
+    def allows(self, value: Any) -> bool:
+        """Can this distribution produce `value`? (for hand-picked starting points)"""
+        if self.type == "categorical":
+            return value in self.choices
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        if self.type == "int" and value != int(value):
+            return False
+        return self.low <= value <= self.high
+
 
 class SchedulerConfig(_Strict):
     name: Literal["asha", "fifo"] = "asha"
@@ -159,6 +169,9 @@ class TuneConfig(_Strict):
     gpus_per_worker: float = Field(0.0, ge=0.0)
     time_budget_s: float | None = Field(None, gt=0.0)
     seed: int = 0
+    # Configurations tried first, before the sampler's own picks (e.g. a paper's defaults or
+    # the last job's best); each names a value for every searched key.
+    points_to_evaluate: list[dict[str, Any]] = []
     max_failures: int = Field(0, ge=0)  # retries of a trial that raised
     name: str | None = None  # fixed job name (needed to resume); None: the file's stem
     storage_path: str = "ray_results"  # local folder, shared filesystem or object-store URI
@@ -176,6 +189,18 @@ class ExperimentFile(_Strict):
                 get_dotted(self.base.model_dump(), key)
             except KeyError:
                 raise ValueError(f"search key '{key}' is not a key of base") from None
+        for index, point in enumerate(self.tune.points_to_evaluate):
+            where = f"tune.points_to_evaluate[{index}]"
+            if set(point) != set(self.search):
+                missing, extra = set(self.search) - set(point), set(point) - set(self.search)
+                raise ValueError(
+                    f"{where} must name every searched key and no other"
+                    + (f"; missing {sorted(missing)}" if missing else "")
+                    + (f"; not searched {sorted(extra)}" if extra else "")
+                )
+            for key, value in point.items():
+                if not self.search[key].allows(value):
+                    raise ValueError(f"{where}: {key}={value!r} is outside search.{key}")
         return self
 
 

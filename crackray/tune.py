@@ -280,6 +280,7 @@ def run_tuning(
                     sampler=optuna.samplers.TPESampler(seed=tcfg.seed),
                     storage=_optuna_storage(storage, job_name),
                     study_name=job_name,
+                    points_to_evaluate=[dict(p) for p in tcfg.points_to_evaluate] or None,
                 ),
                 scheduler=_scheduler(tcfg, experiment),
                 time_budget_s=tcfg.time_budget_s,

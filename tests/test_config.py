@@ -132,6 +132,32 @@ def test_search_key_must_exist_in_base(tmp_path):
         load_experiment(path)
 
 
+STARTING_SEARCH = {
+    "optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+    "train.batch_size": {"type": "int", "low": 16, "high": 64},
+    "loss.name": {"type": "categorical", "choices": ["bce", "focal"]},
+}
+
+
+def test_points_to_evaluate_must_lie_inside_the_search(tmp_path):
+    good = {"optim.lr": 1e-3, "train.batch_size": 32, "loss.name": "focal"}
+    path = write(tmp_path, {"search": STARTING_SEARCH, "tune": {"points_to_evaluate": [good]}})
+    assert load_experiment(path).tune.points_to_evaluate == [good]
+
+    for point, message in [
+        ({**good, "optim.lr": 0.5}, "optim.lr=0.5 is outside search.optim.lr"),
+        ({**good, "train.batch_size": 32.5}, "train.batch_size=32.5 is outside"),
+        ({**good, "loss.name": "dice"}, "loss.name='dice' is outside search.loss.name"),
+        ({"optim.lr": 1e-3}, "missing ['loss.name', 'train.batch_size']"),
+        ({**good, "optim.momentum": 0.9}, "not searched ['optim.momentum']"),
+    ]:
+        path = write(tmp_path, {"search": STARTING_SEARCH,
+                                "tune": {"points_to_evaluate": [good, point]}})
+        with pytest.raises(ConfigError, match=r"tune\.points_to_evaluate\[1\]") as info:
+            load_experiment(path)
+        assert message in str(info.value)
+
+
 def test_search_converts_one_to_one_to_optuna(experiment_file):
     dists = to_optuna(load_experiment(experiment_file).search)
     lr = dists["optim.lr"]

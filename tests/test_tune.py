@@ -91,16 +91,19 @@ def test_three_trials_give_one_parent_three_children(tmp_path, cli):
 
 
 def test_asha_prunes_a_trial_and_optuna_records_it(tmp_path, cli):
-    # A tiny learning rate next to a sane one: trials sampled with it fall behind at the
-    # first rung (val/loss barely moves) and ASHA stops them there.
+    # A sane learning rate first, then a tiny one (both fixed starting points, so the test
+    # does not hang on what the sampler draws): one trial at a time, the tiny-lr trial reaches
+    # the first rung with a val/loss that has barely moved, worse than the first trial's, and
+    # ASHA stops it there.
     space = write_space(
         tmp_path,
         search={"optim.lr": {"type": "categorical", "choices": [1e-7, 1e-2]}},
         tune={
-            "num_samples": 4,
+            "num_samples": 3,
             "metric": "val/loss",
             "mode": "min",
             "seed": 3,
+            "points_to_evaluate": [{"optim.lr": 1e-2}, {"optim.lr": 1e-7}],
             "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
         },
         base={**TINY_BASE, "train": {**TINY_BASE["train"], "epochs": 3}},
@@ -113,6 +116,8 @@ def test_asha_prunes_a_trial_and_optuna_records_it(tmp_path, cli):
     }
     pruned = [t for t, s in statuses.items() if s == "pruned"]
     assert pruned, statuses
+    tiny_lr = [c for c in children if float(c.data.params["optim.lr"]) == 1e-7]
+    assert tiny_lr and all(c.data.tags["crackray.trial_status"] == "pruned" for c in tiny_lr)
     for child in children:
         if child.data.tags["crackray.trial_status"] == "pruned":
             assert child.info.status == "KILLED"
