@@ -174,7 +174,8 @@ def plain_batches(loader: Iterable[dict], device: torch.device) -> Iterator[dict
 
 
 def bench_config(data: str | Path, *, image_size: int, batch_size: int, model: str = "simple_cnn",
-                 epochs: int = 1, cpus_per_worker: float = 1.0) -> RunConfig:
+                 epochs: int = 1, cpus_per_worker: float = 1.0,
+                 threads_per_worker: int | None = None) -> RunConfig:
     """A run config for benchmarking the shards at `data` (checked against their manifest)."""
     path = Path(data).expanduser().resolve()
     verify_dataset(path)
@@ -182,7 +183,7 @@ def bench_config(data: str | Path, *, image_size: int, batch_size: int, model: s
         "data": {"path": str(path), "image_size": image_size},
         "model": {"name": model},
         "train": {"epochs": epochs, "workers": 1, "batch_size": batch_size,
-                  "cpus_per_worker": cpus_per_worker},
+                  "cpus_per_worker": cpus_per_worker, "threads_per_worker": threads_per_worker},
     })
 
 
@@ -201,16 +202,16 @@ def _drain(batches: Iterable[dict]) -> int:
 
 
 def _start_ray() -> bool:
-    """Start a local Ray of our own unless one is connected; True if we started it.
-
-    `address="local"`: a bare `ray.init()` attaches to whatever `ray start` cluster
-    /tmp/ray/ray_current_cluster names (another user's, or a dead one, which hangs)."""
+    """Start Ray as crackray's commands do (`train.ensure_ray`: a local Ray of our own,
+    Train's settings) unless one is connected; True if we started it."""
     import ray
     import ray.data
 
+    from crackray.train import ensure_ray
+
     if ray.is_initialized():
         return False
-    ray.init(address="local", num_cpus=cores(), configure_logging=True, logging_level="WARNING")
+    ensure_ray()
     # Progress bars redraw from the consuming process; a benchmark wants no terminal chatter.
     ray.data.DataContext.get_current().enable_progress_bars = False
     return True
@@ -235,17 +236,16 @@ def _rate(rounds: list[dict], side: str) -> float:
     return sum(r["images"] for r in mine) / max(sum(r["seconds"] for r in mine), 1e-9)
 
 
-def _summary(benchmark: str, rounds: list[dict], settings: dict, **extra) -> dict:
+def _summary(benchmark: str, rounds: list[dict], settings: dict, peak_mib: dict[str, float],
+             **extra) -> dict:
     cross, plain = _rate(rounds, CROSS), _rate(rounds, PLAIN)
-    peak = {side: max(r["peak_pss_mib"] for r in rounds if r["side"] == side)
-            for side in (CROSS, PLAIN)}
     return {
         "benchmark": benchmark,
         "crackray_images_per_s": round(cross, 2),
         "baseline_images_per_s": round(plain, 2),
         "ratio": round(cross / plain, 3) if plain > 0 else math.nan,
-        "crackray_peak_pss_mib": round(peak[CROSS], 1),
-        "baseline_peak_pss_mib": round(peak[PLAIN], 1),
+        "crackray_peak_pss_mib": round(peak_mib[CROSS], 1),
+        "baseline_peak_pss_mib": round(peak_mib[PLAIN], 1),
         **extra,
         "settings": {**settings, "cores": cores(), "loadavg_1m": round(os.getloadavg()[0], 2)},
         "rounds": rounds,
@@ -280,19 +280,25 @@ def bench_ingest(data: str | Path, *, batch_size: int = 32, image_size: int = 22
             _drain(batches())
         rounds = []
         for r, side in _alternating(repeats):
-            batches, processes = sides[side]
-            with PeakMemory(processes) as memory:
-                start = time.perf_counter()
-                images = _drain(batches())
-                seconds = time.perf_counter() - start
+            batches, _ = sides[side]
+            start = time.perf_counter()
+            images = _drain(batches())
             rounds.append({"round": r, "side": side, "images": images,
-                           "seconds": round(seconds, 3), "peak_pss_mib": round(memory.peak_mib, 1)})
+                           "seconds": round(time.perf_counter() - start, 3)})
+        # Memory in one more, untimed epoch per side: reading PSS of Ray's ~15 processes every
+        # 0.25 s costs the driver CPU, which slowed the timed Ray epochs by ~15 %.
+        peak_mib = {}
+        for side, (batches, processes) in sides.items():
+            with PeakMemory(processes) as memory:
+                _drain(batches())
+            peak_mib[side] = round(memory.peak_mib, 1)
     finally:
         _stop_ray(started)
     return _summary(
         "ingest", rounds,
         {"data": cfg.data.path, "image_size": image_size, "batch_size": batch_size,
          "repeats": repeats, "workers": workers, "limit": limit},
+        peak_mib,
         decode_images_per_s_one_process=round(one_process, 1),
         decode_limit_images_per_s=round(one_process * workers, 1),
     )
@@ -326,9 +332,11 @@ def _ray_train_loop(config: dict) -> list[dict]:
 
     from crackray.data.pipeline import TRAIN, iterate_batches
     from crackray.engine import train_one_epoch
+    from crackray.train import set_cpu_threads
 
     cfg = RunConfig.model_validate(config["run"])
     device = ray.train.torch.get_device()
+    set_cpu_threads(cfg, device)
     model, objective, optimizer = _training_parts(cfg, device)
     model = ray.train.torch.prepare_model(model)
     history = []
@@ -388,9 +396,14 @@ def _steady(history: list[dict]) -> list[dict]:
 
 def bench_train(data: str | Path, *, model: str = "simple_cnn", image_size: int = 224,
                 batch_size: int = 32, epochs: int = 2, repeats: int = 2,
-                limit: int | None = 512, gpu: bool = False) -> dict:
-    """Training images/s of one Ray Train worker (1 CPU; the other CPUs ingest) against the
-    same model, batches and optimizer in a plain loop in one process."""
+                limit: int | None = None, threads: int | None = None, gpu: bool = False) -> dict:
+    """Training images/s of one Ray Train worker against the same model, batches and
+    optimizer in a plain loop in one process.
+
+    The worker reserves half the CPUs and Ray Data decodes on the other half; its torch
+    threads (`threads`, default: all cores, as many as the plain loop uses) also cover the
+    ingest half, which decoding leaves idle most of the time next to a model's compute.
+    """
     from crackray.train import SEGMENTATION_MODELS
 
     if model in SEGMENTATION_MODELS:
@@ -398,7 +411,8 @@ def bench_train(data: str | Path, *, model: str = "simple_cnn", image_size: int 
                           "benchmark a classifier (e.g. simple_cnn, resnet18)")
     # Half the CPUs train, half ingest (on 2 cores: 1 + 1, as crackray's resource plan leaves).
     cfg = bench_config(data, image_size=image_size, batch_size=batch_size, model=model,
-                       epochs=epochs, cpus_per_worker=max(1.0, cores() // 2))
+                       epochs=epochs, cpus_per_worker=max(1.0, cores() // 2),
+                       threads_per_worker=threads or cores())
     cpu = torch.device("cpu")
     started = _start_ray()
     rounds = []
@@ -408,7 +422,9 @@ def bench_train(data: str | Path, *, model: str = "simple_cnn", image_size: int 
                     PLAIN: (lambda: _plain_fit(cfg, limit, cpu), dataloader_workers)}
             for r, side in _alternating(repeats):
                 fit, processes = fits[side]
-                with PeakMemory(processes) as memory:
+                # Training rounds last tens of seconds: a 1 s poll resolves the peak and
+                # costs the timed side ~1 % of a core.
+                with PeakMemory(processes, interval_s=1.0) as memory:
                     history = fit()
                 steady = _steady(history)
                 rounds.append({"round": r, "side": side,
@@ -423,7 +439,10 @@ def bench_train(data: str | Path, *, model: str = "simple_cnn", image_size: int 
         "train", rounds,
         {"data": cfg.data.path, "model": model, "image_size": image_size,
          "batch_size": batch_size, "epochs": epochs, "repeats": repeats, "limit": limit,
-         "ray_worker_cpus": cfg.train.cpus_per_worker},
+         "ray_worker_cpus": cfg.train.cpus_per_worker,
+         "ray_worker_threads": cfg.train.threads_per_worker},
+        {side: max(r["peak_pss_mib"] for r in rounds if r["side"] == side)
+         for side in (CROSS, PLAIN)},
         **extra,
     )
 

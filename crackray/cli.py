@@ -417,17 +417,22 @@ def bench_ingest_cmd(data, batch_size, image_size, repeats, limit, as_json):
 @click.option("--epochs", default=2, show_default=True, type=click.IntRange(1),
               help="Epochs per round; the first is warm-up when there are more.")
 @click.option("--repeats", default=2, show_default=True, type=click.IntRange(1))
-@click.option("--limit", default=512, show_default=True, type=click.IntRange(1),
-              help="Training rows per epoch (the first N).")
+@click.option("--limit", default=None, type=click.IntRange(1),
+              help="Training rows per epoch (the first N; default: the whole split).")
+@click.option("--threads", default=None, type=click.IntRange(1),
+              help="torch threads of the Ray worker (train.threads_per_worker; default: all "
+                   "cores, as the plain loop uses).")
 @click.option("--gpu", is_flag=True, help="Also model-only vs pipeline-fed on the GPU.")
 @json_option
 @friendly_errors
-def bench_train_cmd(data, model, image_size, batch_size, epochs, repeats, limit, gpu, as_json):
+def bench_train_cmd(data, model, image_size, batch_size, epochs, repeats, limit, threads, gpu,
+                    as_json):
     """One Ray Train worker vs a plain loop in one process: training images/s."""
     from crackray.bench import bench_train
 
     _emit(bench_train(data, model=model, image_size=image_size, batch_size=batch_size,
-                      epochs=epochs, repeats=repeats, limit=limit, gpu=gpu), as_json)
+                      epochs=epochs, repeats=repeats, limit=limit, threads=threads, gpu=gpu),
+          as_json)
 
 
 @bench.command("trial")

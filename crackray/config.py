@@ -79,6 +79,10 @@ class TrainConfig(_Strict):
     workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0.0)
+    # torch threads of each worker on CPU. None: one per CPU the worker reserves (Ray's
+    # default). More (up to the cores) lets a compute-bound model use the CPUs kept for
+    # ingest while decode tasks sleep; they still get their turn by time-slicing.
+    threads_per_worker: int | None = Field(None, ge=1)
     batch_size: int = Field(32, ge=1)  # per worker
     eval_batch_size: int = Field(64, ge=1)
     seed: int = 0

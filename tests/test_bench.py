@@ -79,9 +79,12 @@ def test_bench_ingest_json(cli, tiny_data):
 def test_bench_train_json(cli, tiny_data):
     out = _last_json(cli("bench", "train", "--data", tiny_data, "--model", "test_tiny",
                          "--image-size", "32", "--epochs", "1", "--repeats", "1",
-                         "--limit", "32", "--gpu", "--json"))
+                         "--limit", "32", "--threads", "2", "--gpu", "--json"))
     _assert_comparison(out)
     assert {r["images"] for r in out["rounds"]} == {32}
+    # The worker reserves 1 CPU (Ray's default: 1 torch thread); --threads 2 must reach it.
+    assert out["settings"]["ray_worker_cpus"] == 1.0
+    assert [r["torch_threads"] for r in out["rounds"] if r["side"] == "crackray"] == [2]
     assert out["gpu"].get("skipped") or out["gpu"]["model_only_images_per_s"] > 0
 
 
