@@ -55,6 +55,8 @@ class Predictor:
     threshold_source: str
     model_file: Path
     device: torch.device
+    # segdec masks: crack pixel iff map >= this (`select` calibrates it on validation)
+    mask_threshold: float = 0.5
 
     @property
     def image_size(self) -> int:
@@ -94,7 +96,13 @@ def load_predictor(
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise CrackrayError("--device cuda: no CUDA GPU is available here")
     return Predictor(
-        model.to(torch_device).eval(), cfg, threshold, source, model_file, torch_device
+        model.to(torch_device).eval(),
+        cfg,
+        threshold,
+        source,
+        model_file,
+        torch_device,
+        mask_threshold=float(payload.get("pixel_threshold", DEFAULT_MASK_THRESHOLD)),
     )
 
 
@@ -357,7 +365,8 @@ def predict(
     seconds = time.perf_counter() - start
     rows = [_row(p, predictor.threshold) for p in pieces]
     maps = _write_maps(pieces, predictor.threshold, tile, out / "maps")
-    maps += _write_masks(pieces, tile, out / "masks")
+    masks = _write_masks(pieces, tile, out / "masks", predictor.mask_threshold)
+    maps += masks
     csv_path = out / "predictions.csv"
     with csv_path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
@@ -373,6 +382,7 @@ def predict(
                     "model_file": str(predictor.model_file),
                     "threshold": predictor.threshold,
                     "threshold_source": predictor.threshold_source,
+                    "mask_threshold": predictor.mask_threshold if masks else None,
                     "image_size": predictor.image_size,
                     "tile": tile,
                     "stride": stride,
@@ -463,12 +473,13 @@ def _write_maps(pieces: list[dict], threshold: float, tile: int, folder: Path) -
 
 # ------------------------------------------------------------------------- segmentation masks
 
-MASK_THRESHOLD = 0.5  # pixel probability above which a segdec pixel is drawn as crack
+DEFAULT_MASK_THRESHOLD = 0.5  # for model files that `select` has not calibrated
 
 
-def _write_masks(pieces: list[dict], tile: int, folder: Path) -> list[Path]:
-    """Segmentation models: one crack-mask PNG (0 / 255) per input file at its own size;
-    a photo's windows are stitched, averaging where they overlap."""
+def _write_masks(pieces: list[dict], tile: int, folder: Path, threshold: float) -> list[Path]:
+    """Segmentation models: one crack-mask PNG (0 / 255) per input file at its own size
+    (crack where the probability >= threshold); a photo's windows are stitched, averaging
+    where they overlap."""
     files: dict[int, list[dict]] = {}
     for p in pieces:
         if "seg" in p:
@@ -494,7 +505,7 @@ def _write_masks(pieces: list[dict], tile: int, folder: Path) -> list[Path]:
         used.add(stem)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{stem}_mask.png"
-        path.write_bytes(encode_png(((prob >= MASK_THRESHOLD) * 255).astype(np.uint8)))
+        path.write_bytes(encode_png(((prob >= threshold) * 255).astype(np.uint8)))
         written.append(path)
     return written
 

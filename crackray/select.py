@@ -23,7 +23,12 @@ from crackray.data.pipeline import TEST, VAL
 from crackray.data.transforms import MEAN, STD
 from crackray.engine import EvalOutputs, crack_logits
 from crackray.errors import CrackrayError
-from crackray.evaluation import log_decision_artifacts, per_surface_metrics, split_metrics
+from crackray.evaluation import (
+    log_decision_artifacts,
+    per_surface_metrics,
+    pixel_split_metrics,
+    split_metrics,
+)
 from crackray.metrics import (
     classification_metrics,
     pr_curve,
@@ -59,6 +64,8 @@ class Candidate:
     threshold: float | None = None
     val: dict = field(default_factory=dict)  # validation metrics at `threshold`
     closest: float = math.nan  # the best value of the constrained metric this trial reaches
+    # Segmentation models: the pixel threshold of their masks, swept on validation (2-px F1).
+    pixel_threshold: float | None = None
 
     @property
     def eligible(self) -> bool:
@@ -156,6 +163,9 @@ def evaluate_candidate(tracker: Tracker, run, criterion: Criterion) -> Candidate
     candidate.threshold, candidate.closest = criterion.calibrate(val)
     if candidate.eligible:
         candidate.val = classification_metrics(val.probs, val.targets, candidate.threshold)
+        if val.seg_probs:
+            candidate.pixel_threshold, pixel = pixel_split_metrics(val, VAL)
+            candidate.val.update({k.removeprefix(f"{VAL}/"): v for k, v in pixel.items()})
     return candidate
 
 
@@ -236,6 +246,8 @@ def _test_winner(tracker: Tracker, run_id: str, winner: Candidate) -> dict:
     test = predict_split(model, cfg, TEST)
     metrics = split_metrics(test, "test", winner.threshold)
     metrics.update(per_surface_metrics(test, "test/surface", winner.threshold))
+    if winner.pixel_threshold is not None:
+        metrics.update(pixel_split_metrics(test, "test", winner.pixel_threshold)[1])
     log_decision_artifacts(tracker, run_id, test, winner.threshold, "test")
     return metrics
 
@@ -249,6 +261,8 @@ def _log_model(tracker: Tracker, run_id: str, winner: Candidate,
     size = cfg.data.image_size
     calibrated = Path(tempfile.mkdtemp(prefix="crackray-select-")) / MODEL_FILE
     extras = {k: v for k, v in payload.items() if k not in ("model_state", "config")}
+    if winner.pixel_threshold is not None:
+        extras["pixel_threshold"] = winner.pixel_threshold
     checkpoints.save_model_file(calibrated, payload["model_state"], cfg, **extras,
                                 threshold=winner.threshold, source_run_id=winner.run_id,
                                 criterion=criterion.describe())
@@ -268,6 +282,9 @@ def _log_model(tracker: Tracker, run_id: str, winner: Candidate,
         "model_name": cfg.model.name, "source_run_id": winner.run_id,
         "criterion": criterion.describe(), "crackray_model_file": f"extra_files/{MODEL_FILE}",
     }
+    if winner.pixel_threshold is not None:
+        metadata["pixel_threshold"] = winner.pixel_threshold
+        metadata["mask"] = "crack pixel iff the map, upsampled to the image, >= pixel_threshold"
     uri = tracker.log_pytorch_model(run_id, wrapped, input_example=example, output_example=output,
                                     metadata=metadata, extra_files=[str(calibrated)])
     return uri, calibrated

@@ -205,24 +205,30 @@ def test_ray_data_path_matches_local(model_file, tmp_path, ray_session):
             assert float(a["probability"]) == pytest.approx(float(b["probability"]), abs=1e-5)
 
 
-def test_segmentation_model_writes_mask_pngs(tmp_path):
+@pytest.mark.parametrize("pixel_threshold", [None, 0.45])
+def test_segmentation_model_writes_mask_pngs(tmp_path, pixel_threshold):
     """A segdec model also writes a crack mask per input: tiles at their own size, photos
-    stitched from their windows; the tile's mask agrees with the network's own map."""
+    stitched from their windows; the tile's mask agrees with the network's own map, cut at
+    the pixel threshold `select` stored in the model file (0.5 when there is none)."""
     root = tmp_path / "seg"
     prepare_synthetic(root / "data", n=20, seed=5)
     cfg = RunConfig.model_validate({"model": {"name": "segdec_tiny"},
                                     "data": {"path": str(root / "data"), "image_size": 64}})
     torch.manual_seed(0)
     model = create_model("segdec_tiny", pretrained=False, dropout=0.0, image_size=64)
+    extras = {} if pixel_threshold is None else {"pixel_threshold": pixel_threshold}
     model_file = checkpoints.save_model_file(root / "best_model.pt",
-                                             checkpoints.cpu_state(model), cfg, threshold=0.5)
+                                             checkpoints.cpu_state(model), cfg, threshold=0.5,
+                                             **extras)
     rng = np.random.default_rng(2)
     tile = rng.integers(0, 255, (96, 96, 3), np.uint8)
     Image.fromarray(tile).save(tmp_path / "tile.png")
     Image.fromarray(rng.integers(0, 255, (128, 160, 3), np.uint8)).save(tmp_path / "photo.png")
 
     result = predict(str(model_file), [tmp_path / "tile.png", tmp_path / "photo.png"],
-                     tmp_path / "out", tile=96, stride=64)
+                     tmp_path / "out", tile=96, stride=64, write_json=True)
+    cut = 0.5 if pixel_threshold is None else pixel_threshold
+    assert json.loads(result.json_path.read_text())["mask_threshold"] == cut
     masks = {p.name: p for p in result.maps if p.parent.name == "masks"}
     assert set(masks) == {"tile_mask.png", "photo_mask.png"}
     assert Image.open(masks["photo_mask.png"]).size == (160, 128)
@@ -236,6 +242,9 @@ def test_segmentation_model_writes_mask_pngs(tmp_path):
     image = decode_rgb((tmp_path / "tile.png").read_bytes(), 64)[None]
     with torch.no_grad():
         seg = torch.sigmoid(model.eval()(to_model_input(image))[1])
-    expected = torch.nn.functional.interpolate(seg, size=(96, 96), mode="bilinear")[0, 0] >= 0.5
-    agreement = ((tile_mask == 255) == expected.numpy()).mean()
+    upsampled = torch.nn.functional.interpolate(seg, size=(96, 96), mode="bilinear")[0, 0]
+    expected = (upsampled >= cut).numpy()
+    agreement = ((tile_mask == 255) == expected).mean()
     assert agreement > 0.97  # uint8 quantisation may flip pixels right at the threshold
+    # The cut matters here: a fair share of this untrained map lies between 0.45 and 0.5.
+    assert ((upsampled >= 0.45) != (upsampled >= 0.5)).float().mean() > 0.05

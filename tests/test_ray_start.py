@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import tempfile_short
 
 VARIABLE = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"

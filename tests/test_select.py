@@ -24,13 +24,13 @@ TINY_TUNE = ["--set", "tune.num_samples=2", "--set", "base.train.epochs=1",
              "--set", "tune.scheduler.name=fifo"]  # 1 epoch: nothing for ASHA to cut short
 
 
-def tune_store(folder: Path) -> str:
+def tune_store(folder: Path, *overrides: str) -> str:
     """Run a 2-trial x 1-epoch tuning job of tiny synthetic tiles in `folder` with the CLI;
     returns the store's tracking URI."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     done = subprocess.run(
         [str(Path(sys.executable).parent / "crackray"), "tune",
-         str(REPO / "search_spaces" / "quickstart.yaml"), *TINY_TUNE],
+         str(REPO / "search_spaces" / "quickstart.yaml"), *TINY_TUNE, *overrides],
         cwd=folder, env=env, capture_output=True, text=True, timeout=1500,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -163,6 +163,35 @@ def test_select_registers_the_winner_under_the_alias(store, tmp_path, ray_sessio
     info = get_model_info(f"models:/crackray-test/{result.version}")
     assert info.metadata["threshold"] == pytest.approx(result.winner.threshold)
     assert info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"][0] == -1
+
+
+@pytest.mark.slow
+def test_select_calibrates_the_mask_threshold_of_a_segdec_winner(tmp_path, ray_session):
+    """A segmentation winner also gets its pixel threshold chosen on validation (2-px F1);
+    the registered model carries it to `predict`'s masks, and test pixel metrics use it."""
+    from crackray.evaluation import pixel_split_metrics
+    from crackray.predict import load_predictor
+    from crackray.tracking import Tracker
+    from crackray.train import predict_split
+
+    store = tune_store(tmp_path, "--set", "base.model.name=segdec_tiny",
+                       "--set", "base.data.synthetic_n=60")
+    result = run_selection(tracking_uri=store, experiment="quickstart", parent_run_id=None,
+                           criterion=Criterion(0.0), alias="seg", name="crackray-seg")
+    winner = result.winner
+    assert winner.pixel_threshold is not None and "pixel_f1" in winner.val
+
+    predictor = load_predictor("models:/crackray-seg@seg", tracking_uri=store)
+    assert predictor.mask_threshold == pytest.approx(winner.pixel_threshold)
+    # Recomputed from the registered model: the threshold is validation's best, and the
+    # select run's test pixel metrics are the test split's at that threshold.
+    val = predict_split(predictor.model, predictor.cfg, "val")
+    assert pixel_split_metrics(val, "val")[0] == pytest.approx(winner.pixel_threshold)
+    test = predict_split(predictor.model, predictor.cfg, "test")
+    expected = pixel_split_metrics(test, "test", winner.pixel_threshold)[1]
+    logged = Tracker(store).client.get_run(result.select_run_id).data.metrics
+    assert logged["test/pixel_f1"] == pytest.approx(expected["test/pixel_f1"])
+    assert logged["test/pixel_threshold"] == pytest.approx(winner.pixel_threshold)
 
 
 @pytest.mark.slow
