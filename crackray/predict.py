@@ -280,13 +280,22 @@ class _ActorScorer:
             path.write_bytes(model_bytes)
             model, cfg, _ = checkpoints.build_model_from_file(path)
         self.predictor = Predictor(model.to(device), cfg, 0.5, "", path, torch.device(device))
+        from crackray.train import is_segmentation  # in the actor: Ray is loaded there anyway
+
+        self.segmentation = is_segmentation(cfg)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok = batch["error"] == ""
-        probs = np.full(len(ok), np.nan, dtype=np.float64)
+        images, ok = batch["image"], batch["error"] == ""
+        out = {k: v for k, v in batch.items() if k != "image"}
+        out["probability"] = np.full(len(ok), np.nan, dtype=np.float64)
+        if self.segmentation:  # every batch has the column (zeros on error rows): one schema
+            out["seg"] = np.zeros(images.shape[:3], np.uint8)
         if ok.any():
-            probs[ok] = self.predictor.probabilities(batch["image"][ok])
-        return {k: v for k, v in batch.items() if k != "image"} | {"probability": probs}
+            probs, seg_maps = self.predictor.predict_batch(images[ok])
+            out["probability"][ok] = probs
+            if self.segmentation:
+                out["seg"][ok] = seg_maps
+        return out
 
 
 def predict_ray(
@@ -329,15 +338,19 @@ def predict_ray(
         seen = set()
         for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
             for i in range(len(batch["index"])):
-                row = {
-                    k: batch[k][i].item() if hasattr(batch[k][i], "item") else batch[k][i]
-                    for k in batch
-                }
+                row = {k: _plain(batch[k][i]) for k in batch}
+                if row["error"]:
+                    row.pop("seg", None)  # as predict_local: no mask for an unreadable file
                 out.append(row)
                 if row["index"] not in seen:
                     seen.add(row["index"])
                     bar.update(1)
     return sorted(out, key=lambda r: (r["index"], r["y"], r["x"]))
+
+
+def _plain(value):
+    """A numpy scalar as a Python value; arrays (segmentation maps) stay arrays."""
+    return value.item() if np.ndim(value) == 0 and hasattr(value, "item") else value
 
 
 def predict(

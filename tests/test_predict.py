@@ -205,21 +205,47 @@ def test_ray_data_path_matches_local(model_file, tmp_path, ray_session):
             assert float(a["probability"]) == pytest.approx(float(b["probability"]), abs=1e-5)
 
 
-@pytest.mark.parametrize("pixel_threshold", [None, 0.45])
-def test_segmentation_model_writes_mask_pngs(tmp_path, pixel_threshold):
-    """A segdec model also writes a crack mask per input: tiles at their own size, photos
-    stitched from their windows; the tile's mask agrees with the network's own map, cut at
-    the pixel threshold `select` stored in the model file (0.5 when there is none)."""
-    root = tmp_path / "seg"
+def _segdec_model_file(root: Path, **extras) -> tuple[torch.nn.Module, Path]:
+    """An untrained segdec_tiny at 64 px in a crackray model file."""
     prepare_synthetic(root / "data", n=20, seed=5)
     cfg = RunConfig.model_validate({"model": {"name": "segdec_tiny"},
                                     "data": {"path": str(root / "data"), "image_size": 64}})
     torch.manual_seed(0)
     model = create_model("segdec_tiny", pretrained=False, dropout=0.0, image_size=64)
+    return model, checkpoints.save_model_file(root / "best_model.pt",
+                                              checkpoints.cpu_state(model), cfg, threshold=0.5,
+                                              **extras)
+
+
+@pytest.mark.slow
+def test_ray_data_path_writes_the_same_masks(tmp_path, ray_session):
+    _, model_file = _segdec_model_file(tmp_path / "seg")
+    rng = np.random.default_rng(3)
+    (tmp_path / "in").mkdir()
+    for name, shape in [("a", (64, 64)), ("b", (90, 70)), ("photo", (128, 160))]:
+        pixels = rng.integers(0, 255, (*shape, 3), np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "in" / f"{name}.png")
+    (tmp_path / "in" / "broken.png").write_bytes(b"not a png")
+    local = predict(str(model_file), [tmp_path / "in"], tmp_path / "a", tile=96, stride=64)
+    distributed = predict(str(model_file), [tmp_path / "in"], tmp_path / "b", tile=96, stride=64,
+                          batch_size=2, ray_threshold=1)
+    names = sorted(p.name for p in (tmp_path / "a" / "masks").iterdir())
+    assert names == ["a_mask.png", "b_mask.png", "photo_mask.png"]
+    assert sorted(p.name for p in (tmp_path / "b" / "masks").iterdir()) == names
+    for name in names:
+        a = np.asarray(Image.open(tmp_path / "a" / "masks" / name))
+        b = np.asarray(Image.open(tmp_path / "b" / "masks" / name))
+        assert a.shape == b.shape and (a == b).mean() > 0.99, name
+    assert len(local.rows) == len(distributed.rows)
+
+
+@pytest.mark.parametrize("pixel_threshold", [None, 0.45])
+def test_segmentation_model_writes_mask_pngs(tmp_path, pixel_threshold):
+    """A segdec model also writes a crack mask per input: tiles at their own size, photos
+    stitched from their windows; the tile's mask agrees with the network's own map, cut at
+    the pixel threshold `select` stored in the model file (0.5 when there is none)."""
     extras = {} if pixel_threshold is None else {"pixel_threshold": pixel_threshold}
-    model_file = checkpoints.save_model_file(root / "best_model.pt",
-                                             checkpoints.cpu_state(model), cfg, threshold=0.5,
-                                             **extras)
+    model, model_file = _segdec_model_file(tmp_path / "seg", **extras)
     rng = np.random.default_rng(2)
     tile = rng.integers(0, 255, (96, 96, 3), np.uint8)
     Image.fromarray(tile).save(tmp_path / "tile.png")
