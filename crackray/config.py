@@ -83,6 +83,9 @@ class TrainConfig(_Strict):
     # default). More (up to the cores) lets a compute-bound model use the CPUs kept for
     # ingest while decode tasks sleep; they still get their turn by time-slicing.
     threads_per_worker: int | None = Field(None, ge=1)
+    # Ray Train's placement group: PACK fills a node first (fast collectives); SPREAD puts the
+    # workers on different nodes where it can (spreads memory, survives one node's loss).
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     batch_size: int = Field(32, ge=1)  # per worker
     eval_batch_size: int = Field(64, ge=1)
     seed: int = 0

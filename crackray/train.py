@@ -415,6 +415,7 @@ def build_trainer(
             num_workers=cfg.train.workers,
             use_gpu=cfg.train.use_gpu,
             resources_per_worker=resources,
+            placement_strategy=cfg.train.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=name,
