@@ -373,30 +373,10 @@ def _finish_job(
     # finish; their runs and the parent are closed KILLED, which `--resume` looks for.
     saved = tune.ExperimentAnalysis(results.experiment_path)
     unfinished = {t.trial_id for t in saved.trials if t.status not in ("TERMINATED", "ERROR")}
-    rows = []
-    for result in results:
-        metrics = result.metrics or {}
-        trial_id = metrics.get("trial_id") or Path(result.path).name
-        status = trial_status(result)
-        if trial_id in unfinished:
-            status = "interrupted"
-        run = tracker.find_run(exp_name, f"{job_name}/{trial_id}")
-        row = {
-            "trial_id": trial_id,
-            "status": status,
-            "epochs_run": (metrics.get("epoch", -1) + 1) if metrics else 0,
-            **{k: result.config.get(k) for k in experiment.search},
-            **best_epoch_scores(result, tcfg.metric, tcfg.mode),
-            "checkpoint_path": metrics.get("checkpoint_path"),
-            "run_id": run.info.run_id if run else None,
-        }
-        if run is not None:
-            tags = {"crackray.trial_status": status}
-            if result.error is not None:
-                tags["crackray.error"] = str(result.error)[:4000]
-            tracker.set_tags(run.info.run_id, tags)
-            tracker.end_run(run.info.run_id, _MLFLOW_STATUS[status])
-        rows.append(row)
+    rows = [
+        _close_trial_run(tracker, exp_name, job_name, experiment, result, unfinished)
+        for result in results
+    ]
     if unfinished:
         tracker.end_run(parent_run_id, "KILLED")
         tracker.flush(timeout_s=60)
@@ -428,6 +408,37 @@ def _finish_job(
         ordered,
         best_test,
     )
+
+
+def _close_trial_run(
+    tracker: Tracker,
+    exp_name: str,
+    job_name: str,
+    experiment: ExperimentFile,
+    result,
+    unfinished: set[str],
+) -> dict:
+    """One trial's row of the trials table; its MLflow run is tagged and closed with the
+    status the trial really ended in."""
+    metrics = result.metrics or {}
+    trial_id = metrics.get("trial_id") or Path(result.path).name
+    status = "interrupted" if trial_id in unfinished else trial_status(result)
+    run = tracker.find_run(exp_name, f"{job_name}/{trial_id}")
+    if run is not None:
+        tags = {"crackray.trial_status": status}
+        if result.error is not None:
+            tags["crackray.error"] = str(result.error)[:4000]
+        tracker.set_tags(run.info.run_id, tags)
+        tracker.end_run(run.info.run_id, _MLFLOW_STATUS[status])
+    return {
+        "trial_id": trial_id,
+        "status": status,
+        "epochs_run": (metrics.get("epoch", -1) + 1) if metrics else 0,
+        **{k: result.config.get(k) for k in experiment.search},
+        **best_epoch_scores(result, experiment.tune.metric, experiment.tune.mode),
+        "checkpoint_path": metrics.get("checkpoint_path"),
+        "run_id": run.info.run_id if run else None,
+    }
 
 
 def _test_best(tracker: Tracker, best: dict) -> dict:
