@@ -40,6 +40,7 @@ OVERLAY_MAX_SIDE = 2048  # px: maps and overlays of big photos are saved downsca
 CSV_FIELDS = ["path", "tile", "probability", "decision", "threshold", "error"]
 MODEL_FILE = "crackray_model.pt"  # the calibrated model file `select` logs with the model
 MODEL_FILE_NAMES = (MODEL_FILE, checkpoints.BEST_FILE)
+DEFAULT_MASK_THRESHOLD = 0.5  # segdec masks of model files that `select` has not calibrated
 
 
 # ------------------------------------------------------------------------- the model
@@ -56,7 +57,7 @@ class Predictor:
     model_file: Path
     device: torch.device
     # segdec masks: crack pixel iff map >= this (`select` calibrates it on validation)
-    mask_threshold: float = 0.5
+    mask_threshold: float = DEFAULT_MASK_THRESHOLD
 
     @property
     def image_size(self) -> int:
@@ -485,9 +486,6 @@ def _write_maps(pieces: list[dict], threshold: float, tile: int, folder: Path) -
 
 
 # ------------------------------------------------------------------------- segmentation masks
-
-DEFAULT_MASK_THRESHOLD = 0.5  # for model files that `select` has not calibrated
-
 
 def _write_masks(pieces: list[dict], tile: int, folder: Path, threshold: float) -> list[Path]:
     """Segmentation models: one crack-mask PNG (0 / 255) per input file at its own size

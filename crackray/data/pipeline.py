@@ -66,7 +66,7 @@ def _configure_ray_data() -> None:
     Ray Data's per-operator resource reservation sets aside half the CPUs, split evenly over
     the read, block-shuffle and decode operators. Only decode needs CPU here (reading and
     shuffling block order take milliseconds), so on a 2-CPU machine the reservation left one
-    decode task running at a time: 0.65x a DataLoader's images/s with it, 1.0x without
+    decode task running at a time: 0.65x a DataLoader's images/s with it, 0.94-0.98x without
     (`crackray bench ingest`, README "Performance").
     """
     context = ray.data.DataContext.get_current()
