@@ -25,6 +25,7 @@ from crackray.config import RunConfig, load_experiment
 from crackray.data import transforms
 from crackray.data.shards import read_split_table, verify_dataset
 from crackray.errors import ConfigError
+from crackray.models import model_segments
 
 CROSS = "crackray"
 PLAIN = "baseline"
@@ -207,7 +208,7 @@ def _start_ray() -> bool:
     import ray
     import ray.data
 
-    from crackray.train import ensure_ray
+    from crackray.runtime import ensure_ray
 
     if ray.is_initialized():
         return False
@@ -332,11 +333,11 @@ def _ray_train_loop(config: dict) -> list[dict]:
 
     from crackray.data.pipeline import TRAIN, iterate_batches
     from crackray.engine import train_one_epoch
-    from crackray.train import set_cpu_threads
 
     cfg = RunConfig.model_validate(config["run"])
     device = ray.train.torch.get_device()
-    set_cpu_threads(cfg, device)
+    if device.type == "cpu" and cfg.train.threads_per_worker is not None:
+        torch.set_num_threads(cfg.train.threads_per_worker)
     model, objective, optimizer = _training_parts(cfg, device)
     model = ray.train.torch.prepare_model(model)
     history = []
@@ -404,9 +405,7 @@ def bench_train(data: str | Path, *, model: str = "simple_cnn", image_size: int 
     threads (`threads`, default: all cores, as many as the plain loop uses) also cover the
     ingest half, which decoding leaves idle most of the time next to a model's compute.
     """
-    from crackray.train import SEGMENTATION_MODELS
-
-    if model in SEGMENTATION_MODELS:
+    if model_segments(model):
         raise ConfigError(f"bench train: --model {model} is a segmentation model; "
                           "benchmark a classifier (e.g. simple_cnn, resnet18)")
     # Half the CPUs train, half ingest (on 2 cores: 1 + 1, as crackray's resource plan leaves).
@@ -523,13 +522,14 @@ def _plain_trial(cfg: RunConfig) -> float:
 def bench_trial(file: str | Path | None = None, *, trials: int = 2,
                 workdir: str | Path | None = None) -> dict:
     """The fixed cost of one tuning trial: each trial's wall time in a real Tune job
-    (crackray.tune.trial_driver: Ray Train workers, data streaming, an MLflow child run) minus
+    (crackray.tune.trial.trial_driver: Ray Train workers, data streaming, an MLflow child run) minus
     the same epochs in one plain process."""
     from ray import tune
 
+    from crackray.runs import resolve_data
     from crackray.tracking import Tracker
-    from crackray.train import resolve_data
-    from crackray.tune import plan_resources, trial_base, trial_driver
+    from crackray.tune.resources import plan_resources, trial_base
+    from crackray.tune.trial import TrialContext, trial_driver
 
     file = Path(file) if file else QUICKSTART
     if not file.exists():
@@ -553,9 +553,9 @@ def bench_trial(file: str | Path | None = None, *, trials: int = 2,
         parent = tracker.find_or_create_run("crackray-bench", f"tune/{name}", run_name=name,
                                             kind="tune", tags={"crackray.job_name": name})
         plan = plan_resources(experiment.tune, ray.cluster_resources())
-        job = {"base": base.model_dump(), "manifest": manifest, "name": name,
-               "experiment": "crackray-bench", "tracking_uri": tracker.uri,
-               "parent_run_id": parent, "trials_storage": str(workdir / "train_runs")}
+        job = TrialContext(base=base, manifest=manifest, job_name=name,
+                           experiment="crackray-bench", tracking_uri=tracker.uri,
+                           parent_run_id=parent, trials_storage=str(workdir / "train_runs"))
         clock = _TrialClock()
         tuner = tune.Tuner(
             tune.with_resources(tune.with_parameters(trial_driver, job=job), plan.driver_bundle),

@@ -159,7 +159,7 @@ def _load(file, overrides, tracking_uri):
 @friendly_errors
 def train(file, overrides, tracking_uri, resume):
     """Train the `base` config of an experiment FILE with Ray Train, tracked in MLflow."""
-    from crackray.train import run_training
+    from crackray.train.driver import run_training
 
     experiment = _load(file, overrides, tracking_uri)
     result = run_training(experiment.base, resume=resume,
@@ -193,7 +193,7 @@ def _format_metrics(metrics: dict, prefix: str) -> str:
 @friendly_errors
 def tune(file, overrides, tracking_uri, resume, address):
     """Run a tuning job: Ray Tune + Optuna (TPE) + ASHA over Ray Train trials."""
-    from crackray.tune import run_tuning
+    from crackray.tune.job import run_tuning
 
     experiment = _load(file, overrides, tracking_uri)
     summary = run_tuning(experiment, file, resume=resume, address=address)
@@ -230,7 +230,7 @@ def tune(file, overrides, tracking_uri, resume, address):
 def select(by, min_precision, target_recall, alias, name, experiment, parent_run_id,
            tracking_uri):
     """Pick a tuning job's deployment model, calibrate its threshold, register it."""
-    from crackray.select import Criterion, run_selection
+    from crackray.deploy.select import Criterion, run_selection
 
     if min_precision is None and target_recall is None:
         raise CrackrayError("select: give --min-precision P (or --target-recall R)")
@@ -263,7 +263,7 @@ def select(by, min_precision, target_recall, alias, name, experiment, parent_run
 def predict(model, inputs, out, tile, stride, batch_size, write_json, device, ray_threshold,
             tracking_uri):
     """Run MODEL (models:/NAME@ALIAS, runs:/ID/PATH or a model file) on images and photos."""
-    from crackray.predict import predict as run_predict
+    from crackray.deploy.predict import predict as run_predict
 
     result = run_predict(model, inputs, out, tile=tile, stride=stride, batch_size=batch_size,
                          write_json=write_json, device=device, tracking_uri=tracking_uri,

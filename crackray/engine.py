@@ -1,6 +1,6 @@
 """One epoch of training and one pass of evaluation: plain PyTorch, no Ray.
 
-A reader can follow an epoch here without knowing Ray; `train.py` wraps these functions for
+A reader can follow an epoch here without knowing Ray; `train/worker.py` wraps these functions for
 Ray Train workers, and tests call them directly on in-memory batches.
 """
 
@@ -194,3 +194,13 @@ def gather(outputs: EvalOutputs) -> EvalOutputs:
     parts: list = [None] * dist.get_world_size()
     dist.all_gather_object(parts, outputs)
     return EvalOutputs.concat(parts)
+
+
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every worker. DDP keeps the
+    weights equal, but each worker's last training forward updated its own running stats, so
+    without this the workers would evaluate slightly different models."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for buffer in model.buffers():
+        dist.broadcast(buffer.data, src=0)

@@ -1,12 +1,10 @@
-"""Turning evaluation outputs into metrics, tables and MLflow artifacts.
+"""Turning evaluation outputs into metrics, tables and artifact objects (the caller logs them).
 
 Used per epoch by the Train workers (validation), once at the end of a run for the test
 split, and by `select` / `report`. Crack is the positive class throughout.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,7 +21,6 @@ from crackray.metrics import (
     roc_curve,
     sweep_pixel_threshold,
 )
-from crackray.tracking import Tracker
 
 _COUNT_KEYS = ("tp", "fp", "fn", "tn", "samples", "positives", "negatives")
 
@@ -49,45 +46,60 @@ def per_surface_metrics(outputs: EvalOutputs, prefix: str, threshold: float) -> 
 
 
 def pixel_split_metrics(
-    outputs: EvalOutputs, prefix: str, threshold: float | None = None
+    outputs: EvalOutputs,
+    prefix: str,
+    threshold: float | None = None,
+    segdec_threshold: float | None = None,
 ) -> tuple[float, dict[str, float]]:
-    """2-pixel-tolerance metrics of segmentation maps. With `threshold=None` the threshold is
-    swept (validation); otherwise the given one (chosen on validation) is applied (test)."""
+    """Pixel metrics of segmentation maps under both protocols, each at its own threshold:
+    `{prefix}/pixel_*` (crackray's symmetric 2-px tolerance) and `{prefix}/segdec_*` (the SegDec
+    papers' 2-pixel-distance protocol), with `pixel_threshold` / `segdec_threshold`.
+
+    `threshold=None` marks a validation split: both thresholds are swept (a given
+    `segdec_threshold` is applied instead). Otherwise `threshold` is applied (test), and the
+    segdec metrics are reported only at a given `segdec_threshold` (the validation one), so a
+    test split never picks its own. Returns (symmetric threshold, metrics).
+    """
     preds = [m.astype(np.float32) / 255.0 for m in outputs.seg_probs]
     gts = [m.astype(bool) for m in outputs.masks]
-    if threshold is None:
+    validation = threshold is None
+    if validation:
         threshold, metrics = sweep_pixel_threshold(preds, gts, tolerance=2)
     else:
         metrics = pixel_metrics(preds, gts, threshold=threshold, tolerance=2)
     out = {f"{prefix}/pixel_{key}": float(value) for key, value in metrics.items()}
     out[f"{prefix}/pixel_threshold"] = float(threshold)
+    segdec = None
+    if segdec_threshold is not None:
+        segdec = pixel_metrics(preds, gts, segdec_threshold, tolerance=2, protocol="segdec")
+    elif validation:
+        _, segdec = sweep_pixel_threshold(preds, gts, tolerance=2, protocol="segdec")
+    if segdec is not None:
+        out.update({f"{prefix}/segdec_{key}": float(value) for key, value in segdec.items()})
     return threshold, out
 
 
-def log_decision_artifacts(
-    tracker: Tracker, run_id: str, outputs: EvalOutputs, threshold: float, name: str
-) -> None:
-    """Confusion matrix (PNG + JSON), PR and ROC curves of one split under `name/`."""
+def decision_artifacts(outputs: EvalOutputs, threshold: float, name: str) -> dict:
+    """Confusion matrix (PNG + JSON), PR and ROC curves of one split, keyed by their artifact
+    file under `name/` (JSON-ready dicts and matplotlib figures; the caller logs them)."""
     matrix = confusion_matrix(outputs.probs, outputs.targets, threshold)
-    tracker.log_json(
-        run_id,
-        {
+    artifacts = {
+        f"{name}/confusion_matrix.json": {
             "layout": "rows=true [no_crack, crack], cols=predicted [no_crack, crack]",
             "threshold": threshold,
             "matrix": matrix,
         },
-        f"{name}/confusion_matrix.json",
-    )
-    figures = {
-        "confusion_matrix.png": plots.confusion_matrix_figure(matrix, f"{name} @ {threshold:.2f}")
+        f"{name}/confusion_matrix.png": plots.confusion_matrix_figure(
+            matrix, f"{name} @ {threshold:.2f}"
+        ),
     }
     if len(set(outputs.targets.tolist())) == 2:  # curves need both classes
         precision, recall, _ = pr_curve(outputs.probs, outputs.targets)
-        figures["pr_curve.png"] = plots.curve_figure(
+        artifacts[f"{name}/pr_curve.png"] = plots.curve_figure(
             recall, precision, xlabel="recall", ylabel="precision", title=f"{name} PR (crack)"
         )
         fpr, tpr, _ = roc_curve(outputs.probs, outputs.targets)
-        figures["roc_curve.png"] = plots.curve_figure(
+        artifacts[f"{name}/roc_curve.png"] = plots.curve_figure(
             fpr,
             tpr,
             xlabel="false positive rate",
@@ -95,9 +107,7 @@ def log_decision_artifacts(
             title=f"{name} ROC (crack)",
             diagonal=True,
         )
-    for file, fig in figures.items():
-        tracker.log_figure(run_id, fig, f"{name}/{file}")
-        plots.close(fig)
+    return artifacts
 
 
 def test_report(val: EvalOutputs, test: EvalOutputs) -> tuple[float, dict[str, float]]:
@@ -111,27 +121,19 @@ def test_report(val: EvalOutputs, test: EvalOutputs) -> tuple[float, dict[str, f
 
 
 @torch.no_grad()
-def log_mask_overlays(
-    tracker: Tracker,
-    run_id: str,
-    model: torch.nn.Module,
-    examples: dict,
-    threshold: float,
-    name: str,
-    device=None,
-) -> None:
+def mask_overlay_figure(
+    model: torch.nn.Module, examples: dict, threshold: float, title: str, device=None
+):
     """Predicted masks of fixed examples (`pipeline.overlay_examples`) over their images,
-    next to the ground truth, as the PNG artifact `name` (segdec only)."""
+    next to the ground truth (segdec only); the caller logs the figure."""
     model.eval()
     dec_logit, seg_logit = model(to_model_input(examples["image"], device))
     seg = seg_probabilities(seg_logit, examples["mask"].shape[-2:])
-    fig = plots.mask_overlay_figure(
+    return plots.mask_overlay_figure(
         examples["image"],
         examples["mask"],
         seg.cpu().numpy(),
         torch.sigmoid(dec_logit.float()).cpu().numpy(),
         threshold,
-        Path(name).stem,
+        title,
     )
-    tracker.log_figure(run_id, fig, name)
-    plots.close(fig)

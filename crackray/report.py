@@ -14,11 +14,13 @@ import numpy as np
 
 from crackray import checkpoints, plots
 from crackray.data.images import decode_rgb, encode_png
-from crackray.data.pipeline import TEST, VAL
 from crackray.data.shards import read_manifest, read_split_table
+from crackray.data.splits import TEST, VAL
+from crackray.deploy.predict import MODEL_FILE_NAMES
 from crackray.engine import EvalOutputs
 from crackray.errors import CrackrayError
 from crackray.evaluation import per_surface_metrics, pixel_split_metrics
+from crackray.inference import predict_split
 from crackray.metrics import (
     best_f1_threshold,
     classification_metrics,
@@ -26,9 +28,8 @@ from crackray.metrics import (
     pr_curve,
     roc_curve,
 )
-from crackray.predict import MODEL_FILE_NAMES
+from crackray.models import model_segments
 from crackray.tracking import Tracker
-from crackray.train import ensure_ray, is_segmentation, predict_split
 
 GALLERY_SIZE = 8  # worst false negatives / false positives shown
 LOSS_KEYS = ["train/loss", "val/loss"]
@@ -127,7 +128,6 @@ def _model_file(tracker: Tracker, run) -> Path:
 def _run_page(tracker: Tracker, run, out: Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
     model, cfg, payload = checkpoints.build_model_from_file(_model_file(tracker, run))
-    ensure_ray()
     val, test = predict_split(model, cfg, VAL), predict_split(model, cfg, TEST)
     if "threshold" in payload:
         threshold = float(payload["threshold"])
@@ -141,7 +141,7 @@ def _run_page(tracker: Tracker, run, out: Path) -> str:
              "## Decision", "", f"Threshold {threshold:.4f} ({why}); crack iff probability >= "
              "threshold.", "", _decision_table(val, test, threshold), "",
              "## Per surface (test)", "", _surface_table(test, threshold), ""]
-    if is_segmentation(cfg):
+    if model_segments(cfg.model.name):
         parts += ["## 2 pixel distance", "", _pixel_table(val, test), ""]
     parts += _curves(tracker, run, out)
     parts += _decision_figures(test, threshold, out)

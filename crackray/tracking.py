@@ -315,6 +315,20 @@ class Tracker:
     def log_figure(self, run_id: str, figure, artifact_file: str) -> None:
         self._call(self.client.log_figure, run_id, figure, artifact_file)
 
+    def log_artifacts(self, run_id: str, artifacts: dict[str, Any]) -> None:
+        """Log artifact objects by file name: dicts as JSON, strings as text, matplotlib
+        figures as images (closed once logged)."""
+        for artifact_file, obj in artifacts.items():
+            if isinstance(obj, dict):
+                self.log_json(run_id, obj, artifact_file)
+            elif isinstance(obj, str):
+                self.log_text(run_id, obj, artifact_file)
+            else:
+                self.log_figure(run_id, obj, artifact_file)
+                import matplotlib.pyplot as plt
+
+                plt.close(obj)
+
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self._call(self.client.set_terminated, run_id, status)
 

@@ -18,7 +18,7 @@ from crackray.config import (
     with_params,
 )
 from crackray.errors import ConfigError
-from crackray.tune import check_search_values, to_optuna
+from crackray.tune.space import check_search_values, to_optuna
 
 REPO = Path(__file__).resolve().parents[1]
 SEARCH_SPACES = sorted((REPO / "search_spaces").glob("*.yaml"))

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from fault_hooks import environment
 
 from crackray.cli import main
 from crackray.tracking import Tracker
-from crackray.train import FAULT_DIR_ENV
 
 pytestmark = pytest.mark.faults
 EPOCHS = 3
@@ -48,7 +48,7 @@ def free_port() -> int:
 @pytest.mark.parametrize("command", ["train", "tune"])
 def test_unreachable_server_fails_fast_before_anything_starts(tmp_path, command, monkeypatch):
     ray_starts = []  # a session-wide Ray may already run in this process: watch the CLI's own
-    for module in ("crackray.train", "crackray.tune"):
+    for module in ("crackray.train.driver", "crackray.tune.job"):
         monkeypatch.setattr(f"{module}.ensure_ray", lambda *a, **k: ray_starts.append(a))
 
     (tmp_path / "exp.yaml").write_text(EXPERIMENT.format(data=tmp_path / "data", epochs=1))
@@ -129,7 +129,7 @@ def test_server_lost_mid_run_then_back_loses_nothing(tmp_path, server):
         (faults / f"epoch{epoch}.hold").touch()
     (tmp_path / "exp.yaml").write_text(EXPERIMENT.format(data=tmp_path / "data", epochs=EPOCHS))
     uri = server.url.replace("://", f"://alice:{PASSWORD}@")
-    env = {**os.environ, FAULT_DIR_ENV: str(faults), "MLFLOW_TRACKING_TOKEN": TOKEN}
+    env = {**os.environ, **environment(faults), "MLFLOW_TRACKING_TOKEN": TOKEN}
     process = subprocess.Popen(
         [str(Path(sys.executable).parent / "crackray"), "train", "exp.yaml",
          "--tracking-uri", uri],

@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from fault_hooks import environment as fault_environment
 
 from crackray.tracking import Tracker
-from crackray.train import FAULT_DIR_ENV
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 EPOCHS = 2
@@ -42,7 +42,7 @@ def crackray(tmp_path: Path, *args: str) -> list[str]:
 
 
 def environment(tmp_path: Path, faults: Path) -> dict:
-    env = {**os.environ, FAULT_DIR_ENV: str(faults),
+    env = {**os.environ, **fault_environment(faults),
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     return env
 

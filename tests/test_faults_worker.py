@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from fault_hooks import environment
 
 from crackray import checkpoints
 from crackray.config import RunConfig
 from crackray.data.prepare import prepare_synthetic
 from crackray.tracking import Tracker
-from crackray.train import FAULT_DIR_ENV, run_training
+from crackray.train.driver import run_training
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 EPOCHS = 3
@@ -50,7 +51,8 @@ def test_sigkill_of_a_train_worker_mid_epoch(ray_session, tmp_path, monkeypatch)
     faults = tmp_path / "faults"
     faults.mkdir()
     (faults / "epoch1.hold").touch()  # workers wait there, trained but not yet reported
-    monkeypatch.setenv(FAULT_DIR_ENV, str(faults))
+    for key, value in environment(faults).items():
+        monkeypatch.setenv(key, value)
     prepare_synthetic(tmp_path / "data", n=80, seed=0)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = RunConfig.model_validate({

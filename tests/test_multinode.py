@@ -74,7 +74,7 @@ def run_child(out: Path) -> None:
 
     from crackray.config import load_experiment
     from crackray.tracking import Tracker
-    from crackray.tune import run_tuning
+    from crackray.tune.job import run_tuning
 
     # 30 s (the default) is short for a raylet to register on a busy machine; Ray reads
     # this exact, lower-case name.

@@ -18,9 +18,9 @@ from crackray import checkpoints
 from crackray.config import RunConfig
 from crackray.data.prepare import prepare_synthetic
 from crackray.data.shards import read_split_table
+from crackray.deploy.predict import load_predictor, predict, read_pieces
 from crackray.errors import CrackrayError
 from crackray.models import create_model
-from crackray.predict import load_predictor, predict, read_pieces
 
 IMAGE_SIZE = 32
 
@@ -59,7 +59,7 @@ def _write_test_tiles(model_file: Path, folder: Path) -> dict[str, Path]:
 
 @pytest.mark.slow
 def test_tile_probability_equals_evaluation(model_file, tmp_path, ray_session):
-    from crackray.train import predict_split
+    from crackray.inference import predict_split
 
     model, cfg, _ = checkpoints.build_model_from_file(model_file)
     evaluated = predict_split(model, cfg, "test")
@@ -158,7 +158,7 @@ def test_model_without_threshold_defaults_to_half(model_file, tmp_path):
 
 
 def test_registry_alias_and_unknown_alias(model_file, tmp_path, cli):
-    from crackray.select import CrackProbability
+    from crackray.deploy.select import CrackProbability
     from crackray.tracking import Tracker
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"

@@ -15,7 +15,7 @@ VARIABLE = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 # What a Ray worker process sees, after crackray started the local Ray.
 PROBE = f"""
 import os, ray
-from crackray.train import ensure_ray
+from crackray.runtime import ensure_ray
 ensure_ray()
 seen = ray.remote(num_cpus=0)(lambda: os.environ.get("{VARIABLE}"))
 print("SEEN", ray.get(seen.remote()))

@@ -28,9 +28,9 @@ def _table_rows(markdown: str, section: str, first_cell: str) -> list[str]:
 
 
 def test_report_of_a_tuning_job(store, tmp_path, ray_session):
+    from crackray.inference import predict_split
     from crackray.report import build_report
     from crackray.tracking import Tracker
-    from crackray.train import predict_split
 
     tracker = Tracker(store)
     parent = tracker.latest_run_anywhere("tune")

@@ -10,7 +10,8 @@ import yaml
 
 from crackray.config import load_experiment
 from crackray.errors import ConfigError
-from crackray.tune import check_search_values, plan_resources, to_optuna
+from crackray.tune.resources import plan_resources
+from crackray.tune.space import check_search_values, to_optuna
 
 SPACES = sorted((Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml"))
 

@@ -20,8 +20,8 @@ from crackray import checkpoints
 from crackray.config import RunConfig
 from crackray.data.images import decode_rgb, encode_png, sniff_bytes
 from crackray.errors import CrackrayError, DataError
+from crackray.runs import run_params
 from crackray.tracking import Tracker
-from crackray.train import run_params
 
 pytestmark = pytest.mark.faults
 PACKAGE = Path(crackray.__file__).parent
@@ -93,7 +93,7 @@ def test_decompression_bomb_is_refused_before_decoding(side):
 
 
 def test_predict_reports_bombs_and_non_images_per_file(tmp_path):
-    predict = pytest.importorskip("crackray.predict")
+    predict = pytest.importorskip("crackray.deploy.predict")
     bomb, text = tmp_path / "bomb.png", tmp_path / "notes.jpg"
     bomb.write_bytes(_png_claiming(100_000, 100_000))
     text.write_text("this is not an image\n")

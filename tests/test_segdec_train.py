@@ -19,9 +19,10 @@ from conftest import CFD, REPO, require
 from crackray.config import load_experiment
 from crackray.data.pipeline import _filtered, epoch_rows
 from crackray.data.shards import read_manifest
+from crackray.runs import warn_one_class_splits
 from crackray.sampling import FrequencySampler, keep_rows
 from crackray.tracking import Tracker
-from crackray.train import run_training, warn_one_class_splits
+from crackray.train.driver import run_training
 
 SEARCH_SPACE = REPO / "search_spaces" / "segdec_crack.yaml"
 PHOTOS = 40  # of CrackForest's 118: 240 tiles keep two epochs under a minute

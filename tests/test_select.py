@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from crackray import select as select_mod
+from crackray.deploy.select import Candidate, Criterion, run_selection
 from crackray.engine import EvalOutputs
 from crackray.errors import CrackrayError
 from crackray.metrics import classification_metrics
-from crackray.select import Candidate, Criterion, run_selection
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_TUNE = ["--set", "tune.num_samples=2", "--set", "base.train.epochs=1",
@@ -121,9 +121,9 @@ def test_no_trial_meets_the_floor_names_the_closest(store, monkeypatch, ray_sess
 
 @pytest.mark.slow
 def test_select_registers_the_winner_under_the_alias(store, tmp_path, ray_session):
-    from crackray.predict import load_predictor
+    from crackray.deploy.predict import load_predictor
+    from crackray.inference import predict_split
     from crackray.tracking import Tracker
-    from crackray.train import predict_split
 
     result = run_selection(tracking_uri=store, experiment="quickstart", parent_run_id=None,
                            criterion=Criterion(0.3), alias="champion", name="crackray-test")
@@ -169,10 +169,10 @@ def test_select_registers_the_winner_under_the_alias(store, tmp_path, ray_sessio
 def test_select_calibrates_the_mask_threshold_of_a_segdec_winner(tmp_path, ray_session):
     """A segmentation winner also gets its pixel threshold chosen on validation (2-px F1);
     the registered model carries it to `predict`'s masks, and test pixel metrics use it."""
+    from crackray.deploy.predict import load_predictor
     from crackray.evaluation import pixel_split_metrics
-    from crackray.predict import load_predictor
+    from crackray.inference import predict_split
     from crackray.tracking import Tracker
-    from crackray.train import predict_split
 
     store = tune_store(tmp_path, "--set", "base.model.name=segdec_tiny",
                        "--set", "base.data.synthetic_n=60")

@@ -14,7 +14,8 @@ import numpy as np
 
 from crackray.errors import ConfigError
 
-SPLITS = ("train", "val", "test")
+TRAIN, VAL, TEST = "train", "val", "test"  # the one definition of the split names
+SPLITS = (TRAIN, VAL, TEST)
 ATTEMPTS = 32  # shuffles tried per call; cheap (a few ms for ~200 photos)
 
 

@@ -33,6 +33,7 @@ from crackray.data.images import decode_rgb, encode_png
 from crackray.data.transforms import to_model_input
 from crackray.engine import crack_logits, seg_probabilities, to_uint8_maps
 from crackray.errors import CrackrayError, DataError
+from crackray.models import model_segments
 from crackray.tracking import Tracker
 
 RAY_THRESHOLD = 2000  # files: above this, predict with Ray Data and model actors
@@ -281,9 +282,7 @@ class _ActorScorer:
             path.write_bytes(model_bytes)
             model, cfg, _ = checkpoints.build_model_from_file(path)
         self.predictor = Predictor(model.to(device), cfg, 0.5, "", path, torch.device(device))
-        from crackray.train import is_segmentation  # in the actor: Ray is loaded there anyway
-
-        self.segmentation = is_segmentation(cfg)
+        self.segmentation = model_segments(cfg.model.name)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images, ok = batch["image"], batch["error"] == ""
@@ -306,7 +305,7 @@ def predict_ray(
     import ray
     import ray.data
 
-    from crackray.train import ensure_ray
+    from crackray.runtime import ensure_ray
 
     ensure_ray()
     gpu = predictor.device.type == "cuda"

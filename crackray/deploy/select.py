@@ -19,25 +19,25 @@ import numpy as np
 import torch
 
 from crackray import checkpoints
-from crackray.data.pipeline import TEST, VAL
+from crackray.data.splits import TEST, VAL
 from crackray.data.transforms import MEAN, STD
+from crackray.deploy.predict import MODEL_FILE
 from crackray.engine import EvalOutputs, crack_logits
 from crackray.errors import CrackrayError
 from crackray.evaluation import (
-    log_decision_artifacts,
+    decision_artifacts,
     per_surface_metrics,
     pixel_split_metrics,
     split_metrics,
 )
+from crackray.inference import predict_split
 from crackray.metrics import (
     classification_metrics,
     pr_curve,
     threshold_for_min_precision,
     threshold_for_min_recall,
 )
-from crackray.predict import MODEL_FILE
 from crackray.tracking import Tracker
-from crackray.train import ensure_ray, predict_split
 
 SELECTABLE = ("finished", "early_stopped")  # crackray.trial_status values with a full run
 
@@ -175,7 +175,6 @@ def run_selection(*, tracking_uri: str | None, experiment: str | None, parent_ru
     tracker.check_reachable()
     parent = find_parent(tracker, experiment, parent_run_id)
     trials = finished_trials(tracker, parent)
-    ensure_ray()
     candidates = [evaluate_candidate(tracker, run, criterion) for run in trials]
     eligible = [c for c in candidates if c.eligible]
     if not eligible:
@@ -248,7 +247,7 @@ def _test_winner(tracker: Tracker, run_id: str, winner: Candidate) -> dict:
     metrics.update(per_surface_metrics(test, "test/surface", winner.threshold))
     if winner.pixel_threshold is not None:
         metrics.update(pixel_split_metrics(test, "test", winner.pixel_threshold)[1])
-    log_decision_artifacts(tracker, run_id, test, winner.threshold, "test")
+    tracker.log_artifacts(run_id, decision_artifacts(test, winner.threshold, "test"))
     return metrics
 
 

@@ -1,0 +1,107 @@
+"""What every driver (train, tune, select, report, bench) shares about a run: its data made
+ready, its storage path, the parameters it logs, and its best model fetched from storage."""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from pathlib import Path
+
+from crackray import checkpoints
+from crackray.config import RunConfig, flatten
+from crackray.data.prepare import prepare_synthetic
+from crackray.data.shards import verify_dataset
+from crackray.data.splits import TRAIN
+from crackray.tracking import git_commit, versions
+
+
+def resolve_data(cfg: RunConfig) -> tuple[RunConfig, dict]:
+    """Make `data.path` absolute (workers run elsewhere), create demo data if asked, verify
+    the shards against their manifest and warn about one-class splits; returns the updated
+    config and the manifest."""
+    path = Path(cfg.data.path).expanduser().resolve()
+    if not path.exists() and cfg.data.synthetic_if_missing:
+        print(f"crackray: making {cfg.data.synthetic_n} synthetic demo tiles in {path}")
+        prepare_synthetic(path, n=cfg.data.synthetic_n, seed=cfg.train.seed)
+    cfg = cfg.model_copy(deep=True)
+    cfg.data.path = str(path)
+    manifest = verify_dataset(path)
+    warn_one_class_splits(manifest)  # train and tune alike
+    return cfg, manifest
+
+
+def absolute_storage(path: str) -> str:
+    """Local storage paths made absolute (Ray's workers run elsewhere); URIs kept as they are."""
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def warn_one_class_splits(manifest: dict) -> None:
+    """Say up front when a split lacks crack-free samples: its decision precision and AUROC
+    are then undefined (NaN, left out of MLflow), not a perfect 1.0."""
+    for split, totals in manifest["totals"].items():
+        if totals["samples"] and totals["no_crack"] == 0:
+            warnings.warn(
+                f"data: the {split} split of {manifest['dataset']} has no crack-free sample, so "
+                "its decision precision and AUROC are undefined and not logged; for CrackForest "
+                "prepare with --tile N to get crack-free tiles as negatives",
+                stacklevel=2,
+            )
+
+
+def train_counts(manifest: dict) -> tuple[int, int]:
+    """(cracked, crack-free) rows of the training split as prepared."""
+    totals = manifest["totals"][TRAIN]
+    return totals["crack"], totals["no_crack"]
+
+
+def run_params(cfg: RunConfig, manifest: dict) -> dict:
+    """The MLflow params of a run: the flattened resolved config, data digest, versions."""
+    return {
+        **flatten(cfg.model_dump()),
+        "data.digest": manifest["digest"],
+        "data.dataset": manifest["dataset"],
+        "git_commit": git_commit(),
+        **versions(),
+    }
+
+
+def fetch_best_model(checkpoint) -> Path:
+    """A local copy of a run checkpoint's (a `ray.train.Checkpoint`, maybe remote) best model
+    file."""
+    with checkpoint.as_directory() as folder:
+        local = Path(tempfile.mkdtemp(prefix="crackray-best-")) / checkpoints.BEST_FILE
+        local.write_bytes((Path(folder) / checkpoints.BEST_FILE).read_bytes())
+    return local
+
+
+# Keys that may change when a run is resumed: more epochs, more patience with failures, a
+# different machine size or tracking server. Anything else would mix two runs in one.
+RESUMABLE_KEYS = frozenset({
+    "train.epochs", "train.max_failures", "train.threads_per_worker", "tracking.uri",
+    "tracking.experiment",
+})
+# Params that describe the software, not the run: an upgrade does not invalidate a resume.
+_ENVIRONMENT_KEYS = ("git_commit", "version.")
+
+
+def check_resumable(logged: dict[str, str], params: dict, prefix: str = "") -> None:
+    """Refuse a resume whose config or data differ from the run being resumed (`logged`: its
+    MLflow params; `params`: `run_params` of the resumed config), naming the changed keys."""
+    from crackray.errors import ConfigError
+    from crackray.tracking import safe_params
+
+    changed = sorted(
+        key
+        for key, value in safe_params(params).items()
+        if not key.startswith(_ENVIRONMENT_KEYS)
+        and key not in RESUMABLE_KEYS
+        and f"{prefix}{key}" in logged
+        and logged[f"{prefix}{key}"] != value
+    )
+    if changed:
+        shown = ", ".join(f"{k} ({logged[prefix + k]} -> {safe_params(params)[k]})"
+                          for k in changed[:6])
+        raise ConfigError(
+            f"--resume: the config or data differ from the run being resumed: {shown}; "
+            f"only {', '.join(sorted(RESUMABLE_KEYS))} may change (start a new run instead)"
+        )

@@ -1,0 +1,152 @@
+"""The driver side of a Ray Train run: `build_trainer` (one per `crackray train` run and per
+tuning trial) and `run_training` (the `crackray train` command: one run, one MLflow run, one
+test pass)."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+
+from crackray import checkpoints
+from crackray.config import RunConfig, save_resolved
+from crackray.data.pipeline import ExactEvalDataConfig, build_dataset, epoch_rows, positive_repeats
+from crackray.data.splits import TRAIN, VAL
+from crackray.errors import ConfigError
+from crackray.holdout import evaluate_on_test
+from crackray.losses import resolve_pos_weight
+from crackray.models import model_segments
+from crackray.runs import (
+    absolute_storage,
+    check_resumable,
+    fetch_best_model,
+    resolve_data,
+    run_params,
+    train_counts,
+)
+from crackray.runtime import ensure_ray
+from crackray.tracking import Tracker
+from crackray.train.hooks import hooks_from_environment
+from crackray.train.worker import WorkerSettings, train_fn_per_worker
+
+
+def build_trainer(
+    cfg: RunConfig,
+    manifest: dict,
+    *,
+    tracking: dict | None,
+    name: str,
+    storage_path: str,
+    callbacks: list | None = None,
+) -> ray.train.torch.TorchTrainer:
+    """The TorchTrainer of one run: workers, datasets, checkpointing and failure policy."""
+    n_pos, n_neg = train_counts(manifest)
+    repeats = positive_repeats(cfg, n_pos, n_neg)
+    rows_per_worker = epoch_rows(cfg, n_pos, n_neg) // cfg.train.workers
+    segments = model_segments(cfg.model.name)
+    datasets = {
+        TRAIN: build_dataset(cfg, TRAIN, with_masks=segments, positive_repeats=repeats),
+        VAL: build_dataset(cfg, VAL, with_masks=segments),
+    }
+    settings = WorkerSettings(
+        run=cfg,
+        pos_weight=resolve_pos_weight(cfg.loss, n_pos, n_neg),
+        steps_per_epoch=max(1, math.ceil(rows_per_worker / cfg.train.batch_size)),
+        run_folder=f"{storage_path}/{name}",
+        tracking=tracking,
+        hooks=hooks_from_environment(),
+    )
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if cfg.train.use_gpu:
+        resources["GPU"] = 1
+    return ray.train.torch.TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"settings": settings},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.workers,
+            use_gpu=cfg.train.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=cfg.train.placement_strategy,
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=callbacks,
+        ),
+        datasets=datasets,
+        dataset_config=ExactEvalDataConfig(),
+    )
+
+
+@dataclass
+class TrainingResult:
+    run_id: str
+    best_model: Path
+    history: list[dict]
+    test_metrics: dict[str, float]
+    seconds: float
+
+
+def run_training(
+    cfg: RunConfig,
+    *,
+    resume: bool = False,
+    storage_path: str = "ray_results",
+    experiment: str | None = None,
+) -> TrainingResult:
+    """`crackray train`: one Ray Train run tracked as one MLflow run, then one test pass."""
+    start = time.perf_counter()
+    cfg, manifest = resolve_data(cfg)
+    tracker = Tracker(cfg.tracking.uri)
+    tracker.check_reachable()
+    experiment = experiment or cfg.tracking.experiment or "crackray"
+    storage = absolute_storage(storage_path)
+    params = run_params(cfg, manifest)
+
+    if resume:
+        previous = tracker.latest_run(experiment, kind="train", unfinished=True)
+        if previous is None:
+            raise ConfigError(
+                f"--resume: no unfinished training run of experiment '{experiment}' in "
+                f"{tracker.uri}"
+            )
+        check_resumable(previous.data.params, params)
+        name = previous.data.tags["crackray.ray_run_name"]
+    else:
+        name = f"train-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_id = tracker.find_or_create_run(
+        experiment,
+        f"train/{name}",
+        run_name=name,
+        kind="train",
+        tags={"crackray.ray_run_name": name, "crackray.storage_path": storage},
+    )
+    tracker.log_params(run_id, params)
+    with tempfile.TemporaryDirectory() as folder:
+        tracker.log_artifact(run_id, save_resolved(cfg, Path(folder) / "config.yaml"))
+
+    ensure_ray()
+    trainer = build_trainer(
+        cfg,
+        manifest,
+        tracking={"uri": tracker.uri, "run_id": run_id},
+        name=name,
+        storage_path=storage,
+    )
+    result = trainer.fit()
+    best = fetch_best_model(result.checkpoint)
+    with result.checkpoint.as_directory() as folder:
+        saved = torch.load(Path(folder) / checkpoints.STATE_FILE, weights_only=True)
+    history = saved["training_state"]["history"]
+    test_metrics = evaluate_on_test(tracker, run_id, best)
+    tracker.end_run(run_id, "FINISHED")
+    tracker.flush(timeout_s=60)
+    return TrainingResult(run_id, best, history, test_metrics, time.perf_counter() - start)

@@ -1,0 +1,130 @@
+"""`train_fn_per_worker`: the Ray Train loop, the same code on every worker. One epoch of
+maths lives in `engine.py`; this file adds the distributed parts (dataset shards, reports),
+with progress and checkpoints in `state.py` and rank-0 tracking in `epoch_log.py`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ray.train
+import ray.train.torch
+import torch
+
+from crackray import checkpoints
+from crackray.config import RunConfig
+from crackray.data.pipeline import iterate_batches
+from crackray.data.splits import TRAIN, VAL
+from crackray.engine import Objective, broadcast_buffers, evaluate, gather, train_one_epoch
+from crackray.evaluation import pixel_split_metrics, split_metrics
+from crackray.models import create_model, model_segments
+from crackray.optim import Schedule, build_optimizer
+from crackray.sampling import frequency_sampler, keep_rows, lockstep
+from crackray.scores import selection_score
+from crackray.train.epoch_log import EpochLogger
+from crackray.train.hooks import Hook, run_hooks
+from crackray.train.state import Checkpointer
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What the driver hands every worker (`train_loop_config={"settings": ...}`)."""
+
+    run: RunConfig
+    pos_weight: float
+    steps_per_epoch: int
+    run_folder: str  # this run's folder in the storage path: the epoch checkpoints
+    tracking: dict | None = None  # {"uri", "run_id"} of the MLflow run rank 0 logs to
+    hooks: tuple[Hook, ...] = ()  # called at named points of the loop (train/hooks.py)
+
+
+def train_fn_per_worker(config: dict) -> None:
+    settings: WorkerSettings = config["settings"]
+    cfg, epochs = settings.run, settings.run.train.epochs
+    rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device()
+    segments = model_segments(cfg.model.name)
+    run_hooks(settings.hooks, "start", rank)
+
+    model, objective, optimizer, schedule = _training_parts(cfg, settings, device)
+    checkpointer = Checkpointer(cfg, settings.run_folder, rank)
+    state, best_weights = checkpointer.restore(model, optimizer, schedule)
+    logger = EpochLogger.on_rank_zero(rank, settings.tracking, cfg, segments, state.history)
+    sampler = frequency_sampler(cfg)  # None unless data.frequency_sampling
+    steps = dict(epochs=epochs, bf16=cfg.train.bf16, device=device)
+
+    for epoch in state.epochs_left(epochs):
+        train_stats = train_one_epoch(model, _train_batches(cfg, epoch, sampler, device),
+                                      objective, optimizer, epoch=epoch, schedule=schedule,
+                                      grad_clip=cfg.train.grad_clip, **steps)
+        run_hooks(settings.hooks, f"epoch{epoch}", rank)  # trained; not evaluated or saved
+        # Every rank evaluates rank 0's weights and BatchNorm statistics: the metrics then
+        # belong to the checkpoint rank 0 saves. The plain module, not DDP: DDP's forward
+        # broadcasts too, a collective that hangs when the disjoint evaluation shards give
+        # the workers different batch counts.
+        broadcast_buffers(checkpoints.unwrap(model))
+        val_batches = iterate_batches(ray.train.get_dataset_shard(VAL),
+                                      cfg.train.eval_batch_size, device)
+        val = gather(evaluate(checkpoints.unwrap(model), val_batches, objective, epoch=epoch,
+                              keep_seg_maps=segments, **steps))
+
+        metrics = _epoch_metrics(train_stats, val, epoch, epochs, segments)
+        improved = state.record(epoch, metrics, selection_score(cfg, metrics, segments),
+                                cfg.train.early_stopping_min_delta,
+                                cfg.train.early_stopping_patience)
+        metrics["early_stopped"] = int(state.stopped_early)
+        schedule.step_epoch(metrics["val/f1"])
+        if improved:
+            best_weights = checkpoints.cpu_state(model)
+        with checkpointer.epoch_checkpoint(model, optimizer, schedule, state,
+                                           best_weights) as (checkpoint, best_file):
+            ray.train.report(metrics, checkpoint=checkpoint,
+                             checkpoint_dir_name=f"epoch-{epoch:04d}")
+            if logger:
+                logger.log_epoch(epoch, metrics, val, improved, best_file, model, device)
+        if state.stopped_early:
+            break
+    if logger:
+        logger.close()
+
+
+def _training_parts(cfg: RunConfig, settings: WorkerSettings, device: torch.device):
+    """Model (DDP-wrapped), loss, optimizer and learning-rate schedule of one worker."""
+    torch.manual_seed(cfg.train.seed)
+    if device.type == "cpu" and cfg.train.threads_per_worker is not None:
+        torch.set_num_threads(cfg.train.threads_per_worker)  # else Ray's one per reserved CPU
+    model = create_model(cfg.model.name, pretrained=cfg.model.pretrained,
+                         dropout=cfg.model.dropout, image_size=cfg.data.image_size)
+    segments = model_segments(cfg.model.name)
+    if segments:
+        model.gradient_adjustment = cfg.train.gradient_adjustment
+    if device.type == "cuda":
+        # Batches arrive channels-last (transforms.to_model_input); weights in the same layout
+        # let cuDNN pick its NHWC kernels instead of converting at every convolution.
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    objective = Objective(cfg, settings.pos_weight, segments)
+    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    schedule = Schedule(optimizer, cfg.optim, cfg.train.epochs, settings.steps_per_epoch)
+    return model, objective, optimizer, schedule
+
+
+def _train_batches(cfg: RunConfig, epoch: int, sampler, device: torch.device):
+    batches = iterate_batches(
+        ray.train.get_dataset_shard(TRAIN),
+        cfg.train.batch_size,
+        device,
+        shuffle=True,
+        keep=keep_rows(sampler.selection(epoch)) if sampler else None,
+    )
+    # Frequency sampling drops rows per worker: stop all workers when the first runs out.
+    return lockstep(batches, device) if sampler else batches
+
+
+def _epoch_metrics(train_stats: dict, val, epoch: int, epochs: int, segments: bool) -> dict:
+    metrics = {f"train/{k}": v for k, v in train_stats.items()}
+    metrics.update(split_metrics(val, VAL))
+    if segments:
+        metrics.update(pixel_split_metrics(val, VAL)[1])
+    metrics["epoch"] = epoch
+    metrics["epochs_planned"] = epochs
+    return metrics
