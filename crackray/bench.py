@@ -318,7 +318,7 @@ def _training_parts(cfg: RunConfig, device: torch.device):
     model = create_model(cfg.model.name, pretrained=False, dropout=cfg.model.dropout,
                          image_size=cfg.data.image_size).to(device)
     objective = Objective(cfg, 1.0, segmentation=False)
-    return model, objective, build_optimizer(model.parameters(), cfg.optim)
+    return model, objective, build_optimizer(model, cfg.optim)
 
 
 def _epoch_record(stats: dict, epoch: int) -> dict:

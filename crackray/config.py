@@ -45,8 +45,27 @@ class DataConfig(_Strict):
 
 class ModelConfig(_Strict):
     name: str = "simple_cnn"
-    pretrained: bool = False  # torchvision ImageNet weights; needs internet on first use
+    # ImageNet weights. torchvision models download them once (internet needed on first use);
+    # efficientnet_lite0's ship in a package, so it works offline.
+    pretrained: bool = False
+    # A local weights file instead of `pretrained`: the backbone's ImageNet state dict in its
+    # library's layout (head replaced), or a crackray model file / state dict (head kept).
+    weights: str | None = None
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # BatchNorm keeps its pretrained running statistics during training (eval mode), so
+    # small or one-class batches cannot skew them; its scale and shift still learn.
+    freeze_bn: bool = False
+
+    @model_validator(mode="after")
+    def _weights_source(self) -> ModelConfig:
+        if self.pretrained and self.weights is not None:
+            raise ValueError("model.weights replaces model.pretrained: set pretrained to false")
+        if self.freeze_bn and not (self.pretrained or self.weights is not None):
+            raise ValueError(
+                "model.freeze_bn keeps pretrained BatchNorm statistics: it needs "
+                "model.pretrained or model.weights"
+            )
+        return self
 
 
 class LossConfig(_Strict):
@@ -72,6 +91,20 @@ class OptimConfig(_Strict):
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     scheduler: Literal["none", "cosine", "plateau", "onecycle"] = "cosine"
     warmup_epochs: int = Field(0, ge=0)
+    # Fine-tuning: the backbone learns at lr * backbone_lr_scale and the new crack head at lr,
+    # so large early steps of a random head do not wash out pretrained features.
+    backbone_lr_scale: float = Field(1.0, gt=0.0)
+    # Head-only warm-up: the backbone's learning rate is 0 for the first N epochs.
+    freeze_backbone_epochs: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _freeze_needs_a_step_schedule(self) -> OptimConfig:
+        if self.freeze_backbone_epochs and self.scheduler not in ("cosine", "none"):
+            raise ValueError(
+                f"optim.freeze_backbone_epochs works with optim.scheduler cosine or none, "
+                f"not {self.scheduler}"
+            )
+        return self
 
 
 class TrainConfig(_Strict):

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from crackray.config import RunConfig
 from crackray.losses import SegDecLoss, build_classification_loss
+from crackray.models.finetune import train_mode
 
 CPU = torch.device("cpu")
 
@@ -84,9 +85,10 @@ def train_one_epoch(
     grad_clip: float | None = None,
     bf16: bool = False,
     device: torch.device = CPU,
+    freeze_bn: bool = False,
 ) -> dict[str, float]:
     """Train over `batches` once; returns the sample-weighted mean loss and throughput."""
-    model.train()
+    train_mode(model, freeze_bn)
     loss_sum, samples, parts_sum = 0.0, 0, {}
     start = time.perf_counter()
     for batch in batches:

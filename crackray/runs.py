@@ -12,6 +12,7 @@ from crackray.config import RunConfig, flatten
 from crackray.data.prepare import prepare_synthetic
 from crackray.data.shards import verify_dataset
 from crackray.data.splits import TRAIN
+from crackray.errors import ConfigError
 from crackray.tracking import git_commit, versions
 
 
@@ -25,6 +26,11 @@ def resolve_data(cfg: RunConfig) -> tuple[RunConfig, dict]:
         prepare_synthetic(path, n=cfg.data.synthetic_n, seed=cfg.train.seed)
     cfg = cfg.model_copy(deep=True)
     cfg.data.path = str(path)
+    if cfg.model.weights:
+        weights = Path(cfg.model.weights).expanduser().resolve()
+        if not weights.is_file():
+            raise ConfigError(f"model.weights: {weights}: no such file")
+        cfg.model.weights = str(weights)
     manifest = verify_dataset(path)
     warn_one_class_splits(manifest)  # train and tune alike
     return cfg, manifest
@@ -87,7 +93,6 @@ _ENVIRONMENT_KEYS = ("git_commit", "version.")
 def check_resumable(logged: dict[str, str], params: dict, prefix: str = "") -> None:
     """Refuse a resume whose config or data differ from the run being resumed (`logged`: its
     MLflow params; `params`: `run_params` of the resumed config), naming the changed keys."""
-    from crackray.errors import ConfigError
     from crackray.tracking import safe_params
 
     changed = sorted(

@@ -1,10 +1,18 @@
 """Model registry: every model builds and gives the right output shapes on a small batch."""
 
+from urllib.error import URLError
+
 import pytest
 import torch
 
 from crackray.errors import ConfigError
-from crackray.models import create_model, list_models, register_model
+from crackray.models import (
+    create_model,
+    list_models,
+    model_segments,
+    register_model,
+    split_parameters,
+)
 from crackray.models.segdec import SegDecNet
 
 TORCHVISION = [
@@ -18,9 +26,18 @@ TORCHVISION = [
 ]
 
 
+OWN = ["simple_cnn", "test_tiny", "segdec", "segdec_tiny"]
+
+
 def test_registry_lists_every_model():
-    assert set(list_models()) == {*TORCHVISION, "simple_cnn", "test_tiny", "segdec", "segdec_tiny"}
+    assert set(list_models()) == {*TORCHVISION, *OWN, "efficientnet_lite0"}
     assert list_models() == sorted(list_models())
+
+
+def test_only_segdec_segments():
+    assert [name for name in list_models() if model_segments(name)] == ["segdec", "segdec_tiny"]
+    with pytest.raises(ConfigError, match="Invalid model 'resnet1000'"):
+        model_segments("resnet1000")
 
 
 @pytest.mark.parametrize("name", sorted(set(list_models()) - {"segdec", "segdec_tiny"}))
@@ -67,10 +84,68 @@ def test_duplicate_registration_is_refused():
         register_model("test_tiny")(lambda pretrained, dropout, image_size: None)
 
 
-@pytest.mark.parametrize("name", ["simple_cnn", "test_tiny", "segdec"])
+@pytest.mark.parametrize("name", OWN)
 def test_own_models_refuse_pretrained(name):
     with pytest.raises(ConfigError, match="no pretrained weights"):
         create_model(name, pretrained=True)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_head_is_the_new_one_logit_layer_and_the_rest_is_backbone(name):
+    model = create_model(name, dropout=0.1)
+    backbone, head = split_parameters(model)
+    assert [p.shape[0] for p in head] == [1, 1]  # Linear(features, 1): its weight and bias
+    assert backbone
+    assert {id(p) for p in backbone} | {id(p) for p in head} == {id(p) for p in model.parameters()}
+    assert not {id(p) for p in backbone} & {id(p) for p in head}
+
+
+@pytest.mark.parametrize("name", ["test_tiny", "segdec_tiny", "resnet18"])
+def test_weights_file_of_the_same_model_loads_exactly(tmp_path, name):
+    torch.manual_seed(1)
+    saved = create_model(name, image_size=64)
+    path = tmp_path / "weights.pt"
+    torch.save(saved.state_dict(), path)
+    loaded = create_model(name, image_size=64, weights=str(path))
+    for key, tensor in saved.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], tensor), key
+
+
+def test_weights_file_of_another_model_is_one_line(tmp_path):
+    path = tmp_path / "tiny.pt"
+    torch.save(create_model("test_tiny").state_dict(), path)
+    with pytest.raises(ConfigError) as err:
+        create_model("simple_cnn", weights=str(path))
+    message = str(err.value)
+    assert message.startswith(f"model.weights: {path} does not match a crackray 'simple_cnn' model")
+    assert "missing keys (e.g. 'features.0.0.weight')" in message and "\n" not in message
+
+
+def test_weights_file_in_torchvision_layout_loads_the_backbone(tmp_path):
+    import torchvision  # here, not at the top: crackray must be imported first (compat patch)
+
+    torch.manual_seed(2)
+    imagenet = torchvision.models.resnet18(weights=None)  # stands in for a downloaded file
+    path = tmp_path / "resnet18-f37072fd.pth"
+    torch.save(imagenet.state_dict(), path)
+    model = create_model("resnet18", weights=str(path))
+    assert torch.equal(model.conv1.weight, imagenet.conv1.weight)
+    assert torch.equal(model.layer4[1].bn2.running_var, imagenet.layer4[1].bn2.running_var)
+    assert model.fc[1].out_features == 1  # the 1000-class classifier was replaced
+
+
+def test_pretrained_without_internet_is_one_line(monkeypatch):
+    import torchvision
+
+    def offline(weights=None):
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.models, "resnet18", offline)
+    with pytest.raises(ConfigError) as err:
+        create_model("resnet18", pretrained=True)
+    message = str(err.value)
+    assert message.startswith("model.pretrained: cannot fetch resnet18's ImageNet weights (URLE")
+    assert message.endswith("use efficientnet_lite0, whose weights ship in a package")
 
 
 @pytest.mark.parametrize("pretrained", [True, False])

@@ -7,14 +7,21 @@ losses, metrics and the exported model all see the same shape without a wrapper 
 from __future__ import annotations
 
 import torch
-import torchvision
 from torch import nn
 
-from crackray.models.registry import no_pretrained_weights, register_model
+from crackray.data.transforms import MEAN, STD
+from crackray.models import pretrained as weights
+from crackray.models.registry import Pretrained, register_model
 
 
-def logit_head(in_features: int, dropout: float) -> nn.Sequential:
-    return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, 1), nn.Flatten(0))
+class LogitHead(nn.Sequential):
+    """The crack head that replaces a backbone's ImageNet classifier. Its own type marks which
+    parameters are new (the head) and which come with the backbone, for fine-tuning options
+    such as a lower backbone learning rate (`finetune.split_parameters`)."""
+
+
+def logit_head(in_features: int, dropout: float) -> LogitHead:
+    return LogitHead(nn.Dropout(dropout), nn.Linear(in_features, 1), nn.Flatten(0))
 
 
 def conv_bn_relu(c_in: int, c_out: int, kernel_size: int = 3) -> nn.Sequential:
@@ -53,37 +60,62 @@ class TinyNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.features = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(inplace=True))
-        self.head = nn.Sequential(nn.Linear(4, 1), nn.Flatten(0))
+        self.head = LogitHead(nn.Linear(4, 1), nn.Flatten(0))
 
     def forward(self, x):
         return self.head(self.features(x).mean(dim=(2, 3)))
 
 
+class TimmClassifier(nn.Module):
+    """A timm network without its classifier (pooled features), then the crack head.
+
+    crackray feeds every model ImageNet-normalised input (`data.transforms`); a timm network
+    may expect other statistics (TF ports: mean = std = 0.5, i.e. pixels in [-1, 1]). A fixed
+    per-channel affine map converts between the two, so the pretrained stem sees the inputs
+    it was trained on. Its constants are non-persistent buffers: the state dict holds only
+    learned weights.
+    """
+
+    def __init__(self, net: nn.Module, dropout: float):
+        super().__init__()
+        net.reset_classifier(0)
+        self.backbone = net
+        self.head = logit_head(net.num_features, dropout)
+        mean = torch.tensor(net.pretrained_cfg["mean"]).view(1, 3, 1, 1)
+        std = torch.tensor(net.pretrained_cfg["std"]).view(1, 3, 1, 1)
+        ours_mean = torch.from_numpy(MEAN / 255.0).view(1, 3, 1, 1)
+        ours_std = torch.from_numpy(STD / 255.0).view(1, 3, 1, 1)
+        # pixel = x * ours_std + ours_mean; the network wants (pixel - mean) / std.
+        self.register_buffer("input_scale", ours_std / std, persistent=False)
+        self.register_buffer("input_shift", (ours_mean - mean) / std, persistent=False)
+
+    def forward(self, x):
+        return self.head(self.backbone(x * self.input_scale + self.input_shift))
+
+
 @register_model("simple_cnn")
-def simple_cnn(pretrained: bool, dropout: float, image_size: int | None) -> nn.Module:
-    no_pretrained_weights("simple_cnn", pretrained)
+def simple_cnn(pretrained: Pretrained, dropout: float, image_size: int | None) -> nn.Module:
     return SimpleCNN(dropout=dropout)
 
 
 @register_model("test_tiny")
-def test_tiny(pretrained: bool, dropout: float, image_size: int | None) -> nn.Module:
-    no_pretrained_weights("test_tiny", pretrained)
+def test_tiny(pretrained: Pretrained, dropout: float, image_size: int | None) -> nn.Module:
     return TinyNet()
 
 
-def _torchvision_backbone(arch: str, pretrained: bool) -> nn.Module:
-    # Looked up at call time (not imported by name) so tests can stand in for the builder and
-    # check the weights requested without downloading them.
-    weights = torchvision.models.get_model_weights(arch).DEFAULT if pretrained else None
-    return getattr(torchvision.models, arch)(weights=weights)
+@register_model("efficientnet_lite0", pretrained=True)
+def efficientnet_lite0(pretrained: Pretrained, dropout: float, image_size: int | None) -> nn.Module:
+    """EfficientNet-Lite0 (4.7 M parameters; ReLU6, no squeeze-excite): the pretrained
+    backbone that works offline, its ImageNet weights installed with crackray."""
+    return TimmClassifier(weights.lite0_imagenet(pretrained), dropout)
 
 
 def _register_torchvision(arch: str, replace_head) -> None:
     """Register `arch` with its ImageNet head swapped for a one-logit head by `replace_head`."""
 
-    @register_model(arch)
-    def build(pretrained: bool, dropout: float, image_size: int | None) -> nn.Module:
-        model = _torchvision_backbone(arch, pretrained)
+    @register_model(arch, pretrained=True)
+    def build(pretrained: Pretrained, dropout: float, image_size: int | None) -> nn.Module:
+        model = weights.torchvision_imagenet(arch, pretrained)
         replace_head(model, dropout)
         return model
 

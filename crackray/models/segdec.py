@@ -16,7 +16,7 @@ from torch import nn
 
 from crackray.errors import ConfigError
 from crackray.models.classifiers import conv_bn_relu, logit_head
-from crackray.models.registry import no_pretrained_weights, register_model
+from crackray.models.registry import Pretrained, register_model
 
 DOWNSAMPLE = 8  # three 2x2 max-pools in the segmentation subnet
 
@@ -85,16 +85,14 @@ def _check_size(name: str, image_size: int | None) -> None:
         )
 
 
-@register_model("segdec")
-def segdec(pretrained: bool, dropout: float, image_size: int | None) -> nn.Module:
-    no_pretrained_weights("segdec", pretrained)
+@register_model("segdec", segments=True)
+def segdec(pretrained: Pretrained, dropout: float, image_size: int | None) -> nn.Module:
     _check_size("segdec", image_size)
     return SegDecNet(dropout=dropout)
 
 
-@register_model("segdec_tiny")
-def segdec_tiny(pretrained: bool, dropout: float, image_size: int | None) -> nn.Module:
-    no_pretrained_weights("segdec_tiny", pretrained)
+@register_model("segdec_tiny", segments=True)
+def segdec_tiny(pretrained: Pretrained, dropout: float, image_size: int | None) -> nn.Module:
     _check_size("segdec_tiny", image_size)
     return SegDecNet(
         base_channels=4, feature_channels=8, kernel_size=3, feature_kernel=3, dropout=dropout

@@ -55,7 +55,8 @@ def train_fn_per_worker(config: dict) -> None:
     for epoch in state.epochs_left(epochs):
         train_stats = train_one_epoch(model, _train_batches(cfg, epoch, sampler, device),
                                       objective, optimizer, epoch=epoch, schedule=schedule,
-                                      grad_clip=cfg.train.grad_clip, **steps)
+                                      grad_clip=cfg.train.grad_clip,
+                                      freeze_bn=cfg.model.freeze_bn, **steps)
         run_hooks(settings.hooks, f"epoch{epoch}", rank)  # trained; not evaluated or saved
         # Every rank evaluates rank 0's weights and BatchNorm statistics: the metrics then
         # belong to the checkpoint rank 0 saves. The plain module, not DDP: DDP's forward
@@ -93,7 +94,8 @@ def _training_parts(cfg: RunConfig, settings: WorkerSettings, device: torch.devi
     if device.type == "cpu" and cfg.train.threads_per_worker is not None:
         torch.set_num_threads(cfg.train.threads_per_worker)  # else Ray's one per reserved CPU
     model = create_model(cfg.model.name, pretrained=cfg.model.pretrained,
-                         dropout=cfg.model.dropout, image_size=cfg.data.image_size)
+                         dropout=cfg.model.dropout, image_size=cfg.data.image_size,
+                         weights=cfg.model.weights)
     segments = model_segments(cfg.model.name)
     if segments:
         model.gradient_adjustment = cfg.train.gradient_adjustment
@@ -103,7 +105,7 @@ def _training_parts(cfg: RunConfig, settings: WorkerSettings, device: torch.devi
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
     objective = Objective(cfg, settings.pos_weight, segments)
-    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim)  # head and backbone groups
     schedule = Schedule(optimizer, cfg.optim, cfg.train.epochs, settings.steps_per_epoch)
     return model, objective, optimizer, schedule
 
