@@ -105,6 +105,19 @@ def distance_weighted_mask(mask: torch.Tensor, p: float, max_value: float) -> to
     return torch.from_numpy(weights).to(mask.device)
 
 
+def seg_loss_weights(mask: torch.Tensor, size, p: float, max_value: float) -> torch.Tensor:
+    """Seg-loss weights (B, 1, *size) for full-resolution masks (B, 1, H, W).
+
+    The distance weights are computed at full resolution, then averaged over each output cell
+    (the cells the target is max-pooled over): a cell weighs what its pixels weigh on average,
+    so cells on a crack's centre outweigh cells it only grazes, by how much set by `p`. On the
+    pooled target itself every crack is 1-2 cells wide, each cell its own centre line, so all
+    would weigh `max_value` whatever `p` is.
+    """
+    full = torch.stack([distance_weighted_mask(m[0], p, max_value) for m in mask]).unsqueeze(1)
+    return F.adaptive_avg_pool2d(full, size)
+
+
 class SegDecLoss(nn.Module):
     """total = seg_weight * seg_loss + delta_cls * dec_weight * dec_loss.
 
@@ -142,7 +155,8 @@ class SegDecLoss(nn.Module):
         """Mean per-pixel BCE over the samples that have a mask.
 
         The full-size mask (B, H, W) or (B, 1, H, W) is max-pooled to the seg map's size, so a
-        one-pixel crack still marks its cell positive instead of averaging away.
+        one-pixel crack still marks its cell positive instead of averaging away. With
+        `weighted_seg`, each cell's loss is weighed by `seg_loss_weights`.
         """
         if mask.dim() == 3:
             mask = mask.unsqueeze(1)
@@ -155,9 +169,6 @@ class SegDecLoss(nn.Module):
         logits, target = seg_logit[selected], target[selected]
         loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
         if self.cfg.weighted_seg:
-            weights = [
-                distance_weighted_mask(t[0], self.cfg.weighted_seg_p, self.cfg.weighted_seg_max)
-                for t in target
-            ]
-            loss = loss * torch.stack(weights).unsqueeze(1)
+            p, max_value = self.cfg.weighted_seg_p, self.cfg.weighted_seg_max
+            loss = loss * seg_loss_weights(mask[selected], logits.shape[-2:], p, max_value)
         return loss.mean()

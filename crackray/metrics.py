@@ -6,7 +6,8 @@ torchmetrics thresholds with `>`, so hard predictions are made here and passed t
 
 Tile metrics use torchmetrics (the same code on every worker and in the tests' reference
 checks); pixel metrics for segmentation maps use numpy/scipy with a distance tolerance,
-because hand-drawn crack masks are only accurate to a pixel or two.
+because hand-drawn crack masks are only accurate to a pixel or two: crackray's symmetric one
+and, to stand beside published tables, the SegDec papers' protocol.
 """
 
 from __future__ import annotations
@@ -250,20 +251,139 @@ def _all_counts(preds, gts, tolerance, thresholds) -> np.ndarray:
     return np.stack([_image_counts(p, g, tolerance, thresholds) for p, g in pairs])
 
 
-def pixel_metrics(preds, gts, threshold: float, tolerance: float = 2) -> dict:
-    """Pooled precision/recall/F1 with tolerance, mean per-image F1, plain Dice and IoU.
+PIXEL_PROTOCOLS = ("symmetric", "segdec")
 
-    `preds` are probability maps, `gts` boolean masks of the same shapes (one pair per image).
+
+def _check_protocol(protocol: str) -> None:
+    if protocol not in PIXEL_PROTOCOLS:
+        raise ValueError(
+            f"Invalid pixel protocol {protocol!r}. Only {', '.join(PIXEL_PROTOCOLS)} are supported."
+        )
+
+
+def pixel_metrics(
+    preds, gts, threshold: float, tolerance: float = 2, protocol: str = "symmetric"
+) -> dict:
+    """Pixel metrics of probability maps `preds` against boolean masks `gts` of the same shapes
+    (one pair per image).
+
+    protocol="symmetric": pooled precision/recall/F1 with a Euclidean tolerance both ways,
+    mean per-image F1, plain Dice and IoU (crack where prob >= threshold).
+    protocol="segdec": the SegDec papers' "2 pixel distance" metric, defined below: means over
+    images of per-image precision/recall/F1 (crack where prob > threshold; `tolerance` whole px).
     """
+    _check_protocol(protocol)
+    if protocol == "segdec":
+        return _segdec_metrics(preds, gts, threshold, tolerance)
     return _summaries(_all_counts(preds, gts, tolerance, [threshold]), [threshold], tolerance)[0]
 
 
 def sweep_pixel_threshold(
-    preds, gts, tolerance: float = 2, thresholds=PIXEL_THRESHOLDS
+    preds, gts, tolerance: float = 2, thresholds=None, protocol: str = "symmetric"
 ) -> tuple[float, dict]:
-    """(threshold, metrics) maximising pooled F1; pick it on validation, then apply to test.
-    Ties go to the lowest threshold (higher recall)."""
-    thresholds = [float(t) for t in thresholds]
+    """(threshold, metrics) maximising the protocol's F1 (pooled for symmetric, the mean over
+    images for segdec); pick it on validation, then apply it to test. `thresholds` defaults to
+    the protocol's grid. Ties go to the lowest threshold (higher recall)."""
+    _check_protocol(protocol)
+    if protocol == "segdec":
+        grid = SEGDEC_THRESHOLDS if thresholds is None else thresholds
+        return _sweep_segdec_threshold(preds, gts, tolerance, grid)
+    grid = PIXEL_THRESHOLDS if thresholds is None else thresholds
+    thresholds = [float(t) for t in grid]
     summaries = _summaries(_all_counts(preds, gts, tolerance, thresholds), thresholds, tolerance)
+    best = max(range(len(thresholds)), key=lambda i: (summaries[i]["f1"], -thresholds[i]))
+    return thresholds[best], summaries[best]
+
+
+# ---------------------------------------------------------------------------------------------
+# The SegDec "2 pixel distance" protocol (Tabernik et al. 2020, Bozic et al. 2021), exactly
+#
+# Per image, with pred = prob > t (strictly): gt_d = the mask dilated by a (2k+1) cross (no
+# diagonal neighbours); tp = |pred & gt_d|, fp = |pred & ~gt_d|, fn = |gt & ~pred| (the raw
+# mask: missed pixels get no tolerance). P = tp/(tp+fp), R = tp/(tp+fn), both 0 when tp = 0;
+# F1 = 2PR/(P+R), 0 unless both are non-zero. The reported P, R, F1 are means over ALL images,
+# a crack-free image counting 0 (as the original code does), so they are not pooled figures.
+
+# (0, 1) in steps of 0.005, the resolution the protocol's threshold is chosen at.
+SEGDEC_THRESHOLDS = tuple(np.round(np.arange(1, 200) * 0.005, 3).tolist())
+
+
+def _cross(tolerance) -> np.ndarray:
+    k = int(tolerance)
+    if k != tolerance or k < 0:
+        raise ValueError(f"segdec tolerance must be a whole number of pixels >= 0, got {tolerance}")
+    cross = np.zeros((2 * k + 1, 2 * k + 1), dtype=bool)
+    cross[k, :] = cross[:, k] = True
+    return cross
+
+
+def _probability_map(prob) -> np.ndarray:
+    # Compared in the map's own float precision, as `prob > t` is with numpy 2: an 8-bit level
+    # k/255 stored as float32 that equals a threshold in float32 is "at" it and does not count.
+    prob = np.asarray(prob)
+    return prob if np.issubdtype(prob.dtype, np.floating) else prob.astype(np.float64)
+
+
+def _segdec_image_counts(prob, gt, tolerance, thresholds: np.ndarray) -> np.ndarray:
+    """(len(thresholds), 3) counts tp, fp, fn of one image; `thresholds` sorted ascending."""
+    prob, gt = _probability_map(prob), np.asarray(gt, dtype=bool)
+    if prob.shape != gt.shape or prob.ndim != 2:
+        raise ValueError(f"prediction {prob.shape} and mask {gt.shape} must be equal 2-D shapes")
+    gt_dilated = ndimage.binary_dilation(gt, structure=_cross(tolerance))
+    # A pixel's level = how many thresholds lie strictly below its probability = at how many
+    # of the (ascending) thresholds it is predicted crack, so one histogram of levels per
+    # region, summed from the top, gives the predicted count at every threshold at once.
+    levels = np.searchsorted(thresholds.astype(prob.dtype), prob, side="left")
+    n = len(thresholds)
+
+    def predicted(region: np.ndarray) -> np.ndarray:
+        histogram = np.bincount(levels[region], minlength=n + 1)
+        return np.cumsum(histogram[::-1])[::-1][1:]
+
+    tp, fp = predicted(gt_dilated), predicted(~gt_dilated)
+    fn = np.count_nonzero(gt) - predicted(gt)
+    return np.stack([tp, fp, fn], axis=-1)
+
+
+def _segdec_summaries(preds, gts, tolerance, thresholds) -> list[dict]:
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    if thresholds.ndim != 1 or np.any(np.diff(thresholds) <= 0):
+        raise ValueError("segdec thresholds must be a strictly increasing sequence")
+    if len(preds) == 0:
+        raise ValueError("need at least one prediction map")
+    counts = np.stack(
+        [_segdec_image_counts(p, g, tolerance, thresholds) for p, g in zip(preds, gts, strict=True)]
+    )
+    tp, fp, fn = np.moveaxis(counts, -1, 0)  # each (images, thresholds)
+    # _ratio is 0 for 0/0, and tp = 0 makes both ratios 0: the protocol's "else 0" cases.
+    precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
+    f1 = _f1(precision, recall)
+    crack_images = sum(bool(np.any(g)) for g in gts)
+    return [
+        {
+            "precision": float(precision[:, i].mean()),
+            "recall": float(recall[:, i].mean()),
+            "f1": float(f1[:, i].mean()),
+            "threshold": float(t),
+            "tolerance": float(tolerance),
+            "images": int(counts.shape[0]),
+            "crack_images": int(crack_images),
+        }
+        for i, t in enumerate(thresholds)
+    ]
+
+
+def _segdec_metrics(preds, gts, threshold: float, tolerance: int = 2) -> dict:
+    """The SegDec protocol (above) at `threshold`: mean precision, recall, F1 over the images."""
+    return _segdec_summaries(preds, gts, tolerance, [threshold])[0]
+
+
+def _sweep_segdec_threshold(
+    preds, gts, tolerance: int = 2, thresholds=SEGDEC_THRESHOLDS
+) -> tuple[float, dict]:
+    """(threshold, metrics) maximising the SegDec protocol's mean F1; ties go to the lowest
+    threshold. Every threshold is scored in one pass over each image."""
+    thresholds = sorted(float(t) for t in thresholds)
+    summaries = _segdec_summaries(preds, gts, tolerance, thresholds)
     best = max(range(len(thresholds)), key=lambda i: (summaries[i]["f1"], -thresholds[i]))
     return thresholds[best], summaries[best]

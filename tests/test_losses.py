@@ -2,8 +2,10 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from crackray.config import LossConfig
 from crackray.losses import (
@@ -12,6 +14,7 @@ from crackray.losses import (
     distance_weighted_mask,
     dynamic_balance_weights,
     resolve_pos_weight,
+    seg_loss_weights,
 )
 from crackray.models.segdec import SegDecNet
 
@@ -147,6 +150,59 @@ def test_weighted_seg_loss_weighs_crack_pixels_up():
     cfg = LossConfig(weighted_seg=True, weighted_seg_max=3.0)
     weighted = SegDecLoss(cfg).segmentation_loss(seg_logit, mask, has_mask)
     assert weighted > plain
+
+
+def _wide_crack_masks() -> torch.Tensor:
+    """(2, 1, 32, 32): a 7 px wide band and a 3 px wide diagonal. Pooled to 4 x 4, each is
+    1-2 cells wide; at full resolution their pixels lie at several distances from the edge."""
+    masks = torch.zeros(2, 1, 32, 32)
+    masks[0, 0, 5:12, 2:30] = 1
+    for i in range(4, 28):
+        masks[1, 0, i, i - 2 : i + 1] = 1
+    return masks
+
+
+def _direct_weights(mask: np.ndarray, p: float, max_value: float, cell: int) -> np.ndarray:
+    """The definition: 1 + (max - 1) * (d / d_max)^p on crack pixels (d: distance to the
+    background at full resolution, d_max: the largest in the pixel's 8-connected region),
+    1 elsewhere; then the mean over each cell x cell block."""
+    positive = mask > 0
+    d = ndimage.distance_transform_edt(positive)
+    regions, _ = ndimage.label(positive, structure=np.ones((3, 3)))
+    full = np.ones(mask.shape)
+    for region in range(1, regions.max() + 1):
+        inside = regions == region
+        full[inside] = 1 + (max_value - 1) * (d[inside] / d[inside].max()) ** p
+    h, w = mask.shape
+    return full.reshape(h // cell, cell, w // cell, cell).mean(axis=(1, 3))
+
+
+@pytest.mark.parametrize("p", [0.5, 1.0, 4.0])
+def test_seg_loss_weights_follow_the_definition_at_full_resolution(p):
+    masks = _wide_crack_masks()
+    weights = seg_loss_weights(masks, (4, 4), p=p, max_value=3.0)
+    assert weights.shape == (2, 1, 4, 4)
+    for got, mask in zip(weights, masks, strict=True):
+        expected = _direct_weights(mask[0].numpy(), p, 3.0, cell=8)
+        np.testing.assert_allclose(got[0].numpy(), expected, rtol=1e-6)
+
+
+def test_weighted_seg_p_changes_the_weights_and_the_loss():
+    masks = _wide_crack_masks()
+    low, high = (seg_loss_weights(masks, (4, 4), p, 3.0) for p in (1.0, 4.0))
+    crack_cells = torch.nn.functional.adaptive_max_pool2d(masks, (4, 4)) > 0
+    # A larger p pulls every off-centre pixel's weight towards 1.
+    assert (high[crack_cells] < low[crack_cells]).all()
+    assert (high[~crack_cells] == 1).all() and (low[~crack_cells] == 1).all()
+    torch.manual_seed(0)
+    seg_logit, has_mask = torch.randn(2, 1, 4, 4), torch.ones(2, dtype=bool)
+    losses = [
+        SegDecLoss(LossConfig(weighted_seg=True, weighted_seg_p=p)).segmentation_loss(
+            seg_logit, masks, has_mask
+        )
+        for p in (1.0, 4.0)
+    ]
+    assert losses[0] != losses[1]
 
 
 @pytest.mark.parametrize("adjust", [True, False])

@@ -98,3 +98,170 @@ def test_sweep_picks_a_threshold_separating_crack_from_background():
 def test_shape_mismatch_is_refused():
     with pytest.raises(ValueError, match="shapes"):
         pixel_counts(np.zeros((4, 4), bool), np.zeros((4, 5), bool))
+
+
+# ---------------------------------------------------------------------------------------------
+# The SegDec "2 pixel distance" protocol
+
+
+def _segdec(preds, gts, threshold, tolerance=2):
+    return pixel_metrics(preds, gts, threshold, tolerance=tolerance, protocol="segdec")
+
+
+def test_segdec_on_hand_made_masks():
+    gt = np.zeros((11, 11), dtype=bool)
+    gt[5, 3:7] = True  # a 4 px crack, (5, 3) .. (5, 6)
+    prob = np.zeros((11, 11), dtype=np.float32)
+    prob[5, 4] = 0.9  # on the crack: tp
+    prob[7, 5] = 0.8  # 2 px straight below (5, 5), on the cross: tp
+    prob[5, 8] = 0.7  # 2 px right of the crack's end, on the cross: tp
+    prob[6, 7] = 0.9  # diagonal neighbour of (5, 6) at distance 1: the cross misses it, fp
+    prob[3, 8] = 0.9  # diagonal of (5, 6) at distance 2: fp
+    prob[5, 5] = 0.5  # exactly at the threshold: not predicted, so (5, 5) is missed
+    # Missed crack pixels: (5, 3), (5, 5), (5, 6); tp 3, fp 2, fn 3.
+    precision_a, recall_a = 3 / 5, 3 / 6
+    f1_a = 2 * precision_a * recall_a / (precision_a + recall_a)
+
+    crack_free = np.zeros((11, 11), dtype=bool)
+    speckle = np.zeros((11, 11), dtype=np.float32)
+    speckle[2, 2] = 0.9  # counts 0 however it is scored
+    perfect = gt.astype(np.float32)
+
+    m = _segdec([prob], [gt], 0.5)
+    assert (m["precision"], m["recall"]) == pytest.approx((precision_a, recall_a))
+    assert m["f1"] == pytest.approx(f1_a)
+    preds = [prob, speckle, crack_free.astype(np.float32), perfect]
+    m = _segdec(preds, [gt, crack_free, crack_free, gt], 0.5)
+    assert m["precision"] == pytest.approx((precision_a + 1) / 4)
+    assert m["recall"] == pytest.approx((recall_a + 1) / 4)
+    assert m["f1"] == pytest.approx((f1_a + 1) / 4)
+    assert (m["images"], m["crack_images"], m["threshold"]) == (4, 2, 0.5)
+    # The symmetric metric's Euclidean disk reaches the distance-1 diagonal: it is no fp there.
+    assert pixel_counts(prob > 0.5, gt, tolerance=2)[0] == 4
+
+
+def test_segdec_recall_gives_missed_pixels_no_tolerance():
+    gt, pred = _line(8), _line(9).astype(np.float32)  # one row off: every prediction is near
+    m = _segdec([pred], [gt], 0.5)
+    assert (m["precision"], m["recall"]) == (1.0, 0.5)  # tp 14, fp 0, fn 14
+    assert m["f1"] == pytest.approx(2 / 3)
+    assert _segdec([pred], [gt], 0.5, tolerance=0)["f1"] == 0.0  # tp 0: all zero
+
+
+def test_segdec_cross_grows_with_tolerance():
+    gt = np.zeros((15, 15), dtype=bool)
+    gt[7, 7] = True
+    for tolerance in (1, 2, 3):
+        prob = np.zeros((15, 15), dtype=np.float32)
+        prob[7, 7] = prob[7, 7 + tolerance] = prob[7 - tolerance, 7] = 1.0  # centre, arm ends: tp
+        prob[7 + tolerance + 1, 7] = prob[8, 8] = 1.0  # one past an arm, a diagonal: fp
+        m = _segdec([prob], [gt], 0.5, tolerance)
+        assert (m["precision"], m["recall"]) == (3 / 5, 1.0)
+    with pytest.raises(ValueError, match="whole number"):
+        _segdec([prob], [gt], 0.5, tolerance=1.5)
+
+
+def test_segdec_threshold_is_strict_at_8_bit_levels():
+    # The evaluation's maps are 8-bit levels k/255 in float32; 51/255 is 0.2 in float32.
+    gt = _line(8)
+    prob = np.where(gt, np.float32(51) / np.float32(255), np.float32(0))
+    assert _segdec([prob], [gt], 0.2)["f1"] == 0.0
+    assert _segdec([prob], [gt], 0.195)["f1"] == 1.0
+    _, swept = sweep_pixel_threshold([prob], [gt], thresholds=[0.195, 0.2], protocol="segdec")
+    assert swept == _segdec([prob], [gt], 0.195)
+
+
+def _reference_segdec(preds, gts, threshold, tolerance=2):
+    """The protocol written out from its definition, one image and one threshold at a time."""
+    precisions, recalls, f1s = [], [], []
+    for prob, gt in zip(preds, gts, strict=True):
+        pred = prob > threshold
+        # A (2k+1) cross = a vertical and a horizontal (2k+1) line, dilated separately.
+        size = 2 * tolerance + 1
+        gt_d = ndimage.maximum_filter1d(gt, size, axis=0, mode="constant") | (
+            ndimage.maximum_filter1d(gt, size, axis=1, mode="constant")
+        )
+        tp = np.sum(pred & gt_d)
+        fp = np.sum(pred & ~gt_d)
+        fn = np.sum(gt & ~pred)
+        p = tp / (tp + fp) if tp > 0 else 0.0
+        r = tp / (tp + fn) if tp > 0 else 0.0
+        precisions.append(p)
+        recalls.append(r)
+        f1s.append(2 * p * r / (p + r) if p > 0 and r > 0 else 0.0)
+    return np.mean(precisions), np.mean(recalls), np.mean(f1s)
+
+
+def _random_maps(seed, n=6, shape=(24, 32), quantised=False):
+    """Blurred random cracks and noisy probabilities; one image crack-free."""
+    rng = np.random.default_rng(seed)
+    preds, gts = [], []
+    for i in range(n):
+        gt = np.zeros(shape, dtype=bool)
+        if i:
+            gt = ndimage.binary_dilation(rng.random(shape) < 0.02, iterations=rng.integers(0, 2))
+        near_crack = ndimage.uniform_filter(gt.astype(float), 3)
+        prob = np.clip(0.6 * near_crack + 0.5 * rng.random(shape), 0, 1)
+        if quantised:
+            prob = np.round(prob * 255).astype(np.uint8).astype(np.float32) / 255.0
+        preds.append(prob)
+        gts.append(gt)
+    return preds, gts
+
+
+@pytest.mark.parametrize("quantised", [False, True])
+@pytest.mark.parametrize("tolerance", [0, 2])
+def test_segdec_matches_an_independent_implementation(quantised, tolerance):
+    preds, gts = _random_maps(seed=tolerance + 10 * quantised, quantised=quantised)
+    for threshold in (0.1, 0.3, 0.5, 0.6, 0.8):
+        m = _segdec(preds, gts, threshold, tolerance)
+        expected = _reference_segdec(preds, gts, threshold, tolerance)
+        assert (m["precision"], m["recall"], m["f1"]) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("quantised", [False, True])
+def test_segdec_sweep_picks_the_brute_force_threshold(quantised):
+    preds, gts = _random_maps(seed=3, quantised=quantised)
+    grid = np.round(np.arange(1, 200) * 0.005, 3)
+    f1s = [_reference_segdec(preds, gts, t)[2] for t in grid]
+    threshold, m = sweep_pixel_threshold(preds, gts, protocol="segdec")
+    assert threshold == grid[int(np.argmax(f1s))]  # argmax: the first, lowest, of equal F1s
+    assert m["f1"] == pytest.approx(max(f1s), abs=1e-12)
+    assert m == _segdec(preds, gts, threshold)
+
+
+def test_unknown_protocol_is_refused():
+    with pytest.raises(ValueError, match="Only symmetric, segdec"):
+        pixel_metrics([np.zeros((4, 4))], [np.zeros((4, 4), bool)], 0.5, protocol="pooled")
+
+
+def test_split_metrics_report_both_protocols_with_validation_thresholds():
+    from crackray.engine import EvalOutputs
+    from crackray.evaluation import pixel_split_metrics
+
+    def outputs(seed):  # maps stored as the evaluation stores them: 8-bit levels
+        preds, gts = _random_maps(seed)
+        maps = [np.round(p * 255).astype(np.uint8) for p in preds]
+        return EvalOutputs(seg_probs=maps, masks=[g.astype(np.uint8) for g in gts])
+
+    val, test = outputs(5), outputs(6)
+    threshold, val_metrics = pixel_split_metrics(val, "val")
+    val_preds = [m.astype(np.float32) / 255.0 for m in val.seg_probs]
+    val_gts = [m.astype(bool) for m in val.masks]
+    segdec_threshold, segdec = sweep_pixel_threshold(val_preds, val_gts, protocol="segdec")
+    assert threshold == sweep_pixel_threshold(val_preds, val_gts)[0]
+    assert val_metrics["val/pixel_threshold"] == threshold
+    assert val_metrics["val/segdec_threshold"] == segdec_threshold
+    assert val_metrics["val/segdec_f1"] == segdec["f1"]
+
+    _, test_metrics = pixel_split_metrics(test, "test", threshold, segdec_threshold)
+    test_preds = [m.astype(np.float32) / 255.0 for m in test.seg_probs]
+    test_gts = [m.astype(bool) for m in test.masks]
+    expected = _reference_segdec(test_preds, test_gts, segdec_threshold)
+    got = tuple(test_metrics[f"test/segdec_{k}"] for k in ("precision", "recall", "f1"))
+    assert got == pytest.approx(expected, abs=1e-12)
+    assert test_metrics["test/segdec_threshold"] == segdec_threshold
+    # Without the validation segdec threshold a test split reports no segdec metric at all.
+    _, symmetric_only = pixel_split_metrics(test, "test", threshold)
+    assert not any("segdec" in key for key in symmetric_only)
+    assert symmetric_only == {k: v for k, v in test_metrics.items() if "segdec" not in k}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -153,7 +154,11 @@ def crack500(tmp_path) -> Path:
 
 
 def test_crack500_list_files_fix_the_split(crack500, tmp_path):
-    manifest = prepare_crack500(crack500, tmp_path / "out", seed=3)
+    with (
+        pytest.warns(UserWarning, match="1 of 8 CRACK500 images are not placed"),  # unlisted_1_1
+        pytest.warns(UserWarning, match="20160222_081011: val 2, test 1"),
+    ):
+        manifest = prepare_crack500(crack500, tmp_path / "out", seed=3)
     assert manifest["split_method"] == "lists" and verify_dataset(tmp_path / "out") == manifest
     got = {row["path"]: row["split"] for row in _rows(tmp_path / "out", ["path", "split"])}
     assert got == {
@@ -194,6 +199,72 @@ def test_crack500_missing_and_empty_sources(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no CRACK500 images found"):
         prepare_crack500(tmp_path / "empty", tmp_path / "out")
+
+
+def _expected_photos_in_several_splits(placed: dict[str, list[str]]) -> dict:
+    """{photo: {split: crops}} for the photos whose crops `placed` ({split: stems}) splits."""
+    crops: dict[str, dict[str, int]] = {}
+    for split, stems in placed.items():
+        for stem in stems:
+            per_split = crops.setdefault(crack500_photo_id(stem), {})
+            per_split[split] = per_split.get(split, 0) + 1
+    return {photo: splits for photo, splits in crops.items() if len(splits) > 1}
+
+
+def test_crack500_lists_are_used_as_given_and_photos_across_lists_warned(tmp_path):
+    placed = {
+        "train": ["A_1_1", "A_1_361", "B_1_1", "D_1_1"],
+        "val": ["A_361_1", "D_1_361"],
+        "test": ["B_1_361", "C_1_1"],
+    }
+    rng = np.random.default_rng(0)
+    for split, stems in placed.items():
+        for stem in stems:
+            folder = tmp_path / "src" / f"{split}crop"
+            _write_pair(folder / f"{stem}.jpg", folder / f"{stem}.png", rng)
+        (tmp_path / "src" / f"{split}.txt").write_text(
+            "".join(f"{split}crop/{stem}.jpg {split}crop/{stem}.png\n" for stem in stems)
+        )
+    _write_pair(tmp_path / "src" / "extra" / "E_1_1.jpg", tmp_path / "src" / "E_1_1.png", rng)
+    with pytest.warns(UserWarning) as caught:
+        manifest = prepare_crack500(tmp_path / "src", tmp_path / "out")
+    messages = [str(w.message) for w in caught]
+    expected = _expected_photos_in_several_splits(placed)
+    assert set(expected) == {"A", "B", "D"}  # the layout holds what the test is about
+    assert manifest["photos_in_several_splits"] == expected
+    (several,) = [m for m in messages if "more than one" in m]
+    assert f"crops of {len(expected)} source photo(s)" in several
+    combinations = Counter("+".join(splits) for splits in expected.values())
+    assert combinations == {"train+val": 2, "train+test": 1}
+    assert all(f"{c}: {n}" in several for c, n in combinations.items())
+    assert f"{sum(sum(s.values()) for s in expected.values())} crops" in several
+    images = sum(map(len, placed.values())) + 1
+    assert any(f"1 of {images} CRACK500 images are not placed by train.txt" in m for m in messages)
+    got = {row["path"]: row["split"] for row in _rows(tmp_path / "out", ["path", "split"])}
+    assert got == {
+        f"{split}crop/{stem}.jpg": split for split, stems in placed.items() for stem in stems
+    }
+
+
+def test_crack500_split_folders_are_used_as_given(tmp_path):
+    placed = {"train": ["P_1_1", "P_1_361"], "val": ["Q_1_1"], "test": ["Q_1_361", "R_1_1"]}
+    rng = np.random.default_rng(1)
+    for split, stems in placed.items():
+        for stem in stems:
+            root = tmp_path / "src" / split
+            _write_pair(root / "images" / f"{stem}.jpg", root / "masks" / f"{stem}.png", rng)
+    _write_pair(tmp_path / "src" / "misc" / "S_1_1.jpg", tmp_path / "src" / "S_1_1.png", rng)
+    with pytest.warns(UserWarning) as caught:
+        manifest = prepare_crack500(tmp_path / "src", tmp_path / "out", seed=5)
+    messages = [str(w.message) for w in caught]
+    left_out = f"1 of {sum(map(len, placed.values())) + 1} CRACK500 images are not placed by the"
+    assert any(left_out in m and "train/ val/ test/ folders" in m for m in messages)
+    assert manifest["split_method"] == "lists"
+    assert manifest["photos_in_several_splits"] == _expected_photos_in_several_splits(placed)
+    got = {row["path"]: row["split"] for row in _rows(tmp_path / "out", ["path", "split"])}
+    assert got == {
+        f"{split}/images/{stem}.jpg": split for split, stems in placed.items() for stem in stems
+    }
 
 
 def test_decode_mask_resizes_without_blurring():

@@ -7,6 +7,7 @@ does not match, so a user pointing `crackray prepare` at the wrong folder learns
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,31 +152,52 @@ def _read_lists(root: Path) -> dict[str, tuple[str, str | None, str]]:
     return listed
 
 
+def _folder_split(rel: str) -> str | None:
+    """The split a top-level train/, val/ or test/ folder gives an image below it."""
+    top, _, rest = rel.partition("/")
+    return top.lower() if rest and top.lower() in SPLITS else None
+
+
 def scan_crack500(src: str | Path) -> list[SourceItem]:
     """CRACK500: `*.jpg` + same-stem `*.png` masks anywhere under SRC.
 
-    When SRC holds train.txt / val.txt / test.txt, those lists fix the split and images that
-    no list names are left out; otherwise the split is assigned by photograph later.
+    The dataset's own split is used as given: train.txt / val.txt / test.txt when SRC holds
+    them, else top-level train/ val/ test/ folders; images that it does not place are left
+    out, with a warning. With neither, the split is assigned by photograph later.
     """
     root = _require_folder(Path(src))
     index = _mask_index(root)
     listed = _read_lists(root)
+    images = sorted(
+        p
+        for p in root.rglob("*")
+        if p.suffix.lower() in (".jpg", ".jpeg") and not p.name.startswith(".")
+    )
+    folder_splits = {p: _folder_split(p.relative_to(root).as_posix()) for p in images}
     if listed:
         pairs = [
             (root / image, root / mask if mask else None, split)
             for image, (mask, split, _) in listed.items()
         ]
+        given_by = "train.txt / val.txt / test.txt"
+    elif any(folder_splits.values()):
+        pairs = [(p, None, split) for p, split in folder_splits.items() if split]
+        given_by = "the train/ val/ test/ folders"
     else:
-        images = sorted(
-            p
-            for p in root.rglob("*")
-            if p.suffix.lower() in (".jpg", ".jpeg") and not p.name.startswith(".")
-        )
         pairs = [(p, None, None) for p in images]
+        given_by = None
     if not pairs:
         raise DataError(
             f"{root}: no CRACK500 images found; expected <name>.jpg with a <name>.png mask "
-            "anywhere below it (optionally listed in train.txt / val.txt / test.txt)"
+            "anywhere below it (optionally listed in train.txt / val.txt / test.txt, or in "
+            "train/ val/ test/ folders)"
+        )
+    left_out = len(set(images) - {image for image, _, _ in pairs})
+    if given_by and left_out:
+        warnings.warn(
+            f"{root}: {left_out} of {len(images)} CRACK500 images are not placed by {given_by} "
+            "and are left out",
+            stacklevel=2,
         )
     items = []
     for image, mask, split in sorted(pairs, key=lambda pair: pair[0]):

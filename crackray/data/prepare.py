@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from collections import defaultdict
+import warnings
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -130,6 +131,33 @@ def deduplicate(rows: list[dict]) -> tuple[list[dict], int, list[dict]]:
     return kept, dropped, sorted(conflicts, key=lambda c: c["paths"])
 
 
+def _photos_in_several_splits(items: list[SourceItem]) -> dict[str, dict[str, int]]:
+    """photo_id -> {split: crops} for each photograph whose crops a dataset's own lists put
+    in more than one split (near-duplicates on both sides: the splits are not independent)."""
+    crops: dict[str, Counter] = defaultdict(Counter)
+    for item in items:
+        if item.split is not None and item.reason is None:
+            crops[item.photo_id][item.split] += 1
+    return {
+        photo: {split: splits[split] for split in catalog.SPLITS if split in splits}
+        for photo, splits in sorted(crops.items())
+        if len(splits) > 1
+    }
+
+
+def _warn_photos_in_several_splits(src, several: dict[str, dict[str, int]]) -> None:
+    combinations = Counter("+".join(splits) for splits in several.values())
+    photo, splits = next(iter(several.items()))
+    warnings.warn(
+        f"{src}: crops of {len(several)} source photo(s) fall in more than one of the "
+        f"dataset's splits ({', '.join(f'{c}: {n}' for c, n in sorted(combinations.items()))}; "
+        f"{sum(sum(s.values()) for s in several.values())} crops), kept as given, so those "
+        f"splits share photographs; e.g. {photo}: "
+        f"{', '.join(f'{split} {n}' for split, n in splits.items())}",
+        stacklevel=4,
+    )
+
+
 def _prepare(
     dataset: str,
     src: str | Path,
@@ -143,6 +171,9 @@ def _prepare(
     split_fractions(val, test)  # fail before reading thousands of files
     if tile is not None and tile < 16:
         raise ConfigError(f"tile must be at least 16 pixels (got {tile})")
+    several = _photos_in_several_splits(items)
+    if several:
+        _warn_photos_in_several_splits(src, several)
     rows, quarantine = _read_all(items, tile)
     rows, dropped, conflicts = deduplicate(rows)
     if not rows:
@@ -163,6 +194,7 @@ def _prepare(
         "tile": tile,
         "duplicates_dropped": dropped,
         "label_conflicts": conflicts,
+        "photos_in_several_splits": several,
     }
     return shards.write_dataset(rows, out, extra, quarantine=quarantine)
 
@@ -195,7 +227,8 @@ def prepare_crack500(
     test: float = 0.15,
     seed: int = 0,
 ) -> dict:
-    """CRACK500 `*.jpg` + `*.png` masks; train/val/test.txt lists, when present, fix the split."""
+    """CRACK500 `*.jpg` + `*.png` masks; its own train/val/test.txt lists (or train/ val/ test/
+    folders), when present, fix the split, and photos whose crops they split are warned of."""
     return _prepare("crack500", src, catalog.scan_crack500(src), out, val, test, seed, tile)
 
 
