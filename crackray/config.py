@@ -128,7 +128,18 @@ class TrainConfig(_Strict):
     early_stopping_min_delta: float = Field(0.0, ge=0.0)
     max_failures: int = Field(0, ge=0)  # worker-group restarts from the latest checkpoint
     gradient_adjustment: bool = False  # segdec: no decision-loss gradient into the seg subnet
-    best_model: Literal["seg", "dec", "both"] = "dec"  # segdec: which val score picks the best
+    # What "better" means, one threshold-free validation score for the best checkpoint, early
+    # stopping, the plateau scheduler, ASHA, TPE, tune's ranking and report's trials table
+    # (logged every epoch as val/objective; see scores.py). F1 at a fixed 0.5 would punish a
+    # trial whose loss or sampling moved the calibration, which select re-thresholds anyway.
+    objective: Literal["ap", "f1_best", "recall_at_precision"] = "ap"
+    objective_min_precision: float = Field(0.5, gt=0.0, le=1.0)  # recall_at_precision's floor
+    # segdec: which validation score picks the best checkpoint: the decision objective above,
+    # the pixel F1 of `pixel_protocol`, or their mean.
+    best_model: Literal["seg", "dec", "both"] = "dec"
+    # segdec pixel metric that `best_model: seg|both` and select's mask threshold use:
+    # "symmetric" (2-px tolerance both ways, pooled) or "segdec" (the SegDec papers' protocol).
+    pixel_protocol: Literal["symmetric", "segdec"] = "symmetric"
     log_masks_every: int = Field(5, ge=1)  # segdec: epochs between predicted-mask artifacts
 
 
@@ -158,6 +169,17 @@ class Distribution(_Strict):
     log: bool = False
     step: float | None = None
     choices: list[Any] | None = None
+    # Conditional parameter: searched only while every named key (an earlier searched key or
+    # a base key) has one of the listed values, e.g. {loss.name: [focal]}; otherwise the base
+    # value stays and no trial is spent varying an inert parameter.
+    when: dict[str, list[Any]] = {}
+
+    @field_validator("when", mode="before")
+    @classmethod
+    def _listed(cls, when: Any) -> Any:
+        if isinstance(when, dict):
+            return {k: v if isinstance(v, list) else [v] for k, v in when.items()}
+        return when
 
     @model_validator(mode="after")
     def _check(self) -> Distribution:
@@ -199,8 +221,11 @@ class SchedulerConfig(_Strict):
 
 
 class TuneConfig(_Strict):
-    metric: str = "val/f1"
-    mode: Literal["max", "min"] = "max"
+    # The tuning objective is the runs' own `val/objective` (train.objective), maximised: one
+    # definition for checkpoints, early stopping, ASHA, TPE and ranking. Kept as keys so that
+    # a file naming another metric gets a clear error instead of a silent disagreement.
+    metric: Literal["val/objective"] = "val/objective"
+    mode: Literal["max"] = "max"
     num_samples: int = Field(8, ge=1)
     max_concurrent_trials: int = Field(1, ge=1)
     scheduler: SchedulerConfig = SchedulerConfig()
@@ -229,12 +254,27 @@ class ExperimentFile(_Strict):
                 get_dotted(self.base.model_dump(), key)
             except KeyError:
                 raise ValueError(f"search key '{key}' is not a key of base") from None
+        base = self.base.model_dump()
+        earlier: set[str] = set()
+        for key, dist in self.search.items():
+            for condition in dist.when:
+                if condition in self.search and condition not in earlier:
+                    raise ValueError(f"search.{key}.when: '{condition}' must be searched "
+                                     f"before '{key}' (conditions read earlier entries)")
+                if condition not in self.search:
+                    try:
+                        get_dotted(base, condition)
+                    except KeyError:
+                        raise ValueError(f"search.{key}.when: '{condition}' is not a key of "
+                                         "base or search") from None
+            earlier.add(key)
         for index, point in enumerate(self.tune.points_to_evaluate):
             where = f"tune.points_to_evaluate[{index}]"
-            if set(point) != set(self.search):
-                missing, extra = set(self.search) - set(point), set(point) - set(self.search)
+            active = active_keys(self.search, base, point)
+            if set(point) != set(active):
+                missing, extra = set(active) - set(point), set(point) - set(active)
                 raise ValueError(
-                    f"{where} must name every searched key and no other"
+                    f"{where} must name every searched key active for its values and no other"
                     + (f"; missing {sorted(missing)}" if missing else "")
                     + (f"; not searched {sorted(extra)}" if extra else "")
                 )
@@ -242,6 +282,20 @@ class ExperimentFile(_Strict):
                 if not self.search[key].allows(value):
                     raise ValueError(f"{where}: {key}={value!r} is outside search.{key}")
         return self
+
+
+def active_keys(search: dict[str, Distribution], base: dict, values: dict[str, Any]) -> list[str]:
+    """The searched keys a trial samples, in file order, given the values sampled so far
+    (`values`) and the base config's for unsearched condition keys."""
+    active: list[str] = []
+    for key, dist in search.items():
+        def current(name: str) -> Any:
+            return values.get(name) if name in search else get_dotted(base, name)
+
+        if all((c not in search or c in active) and current(c) in allowed
+               for c, allowed in dist.when.items()):
+            active.append(key)
+    return active
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from crackray import plots
 from crackray.data.transforms import to_model_input
 from crackray.engine import EvalOutputs, seg_probabilities
 from crackray.metrics import (
+    average_precision,
     best_f1_threshold,
     classification_metrics,
     confusion_matrix,
@@ -20,6 +21,7 @@ from crackray.metrics import (
     pr_curve,
     roc_curve,
     sweep_pixel_threshold,
+    threshold_for_min_precision,
 )
 
 _COUNT_KEYS = ("tp", "fp", "fn", "tn", "samples", "positives", "negatives")
@@ -31,6 +33,24 @@ def split_metrics(outputs: EvalOutputs, prefix: str, threshold: float = 0.5) -> 
     out = {f"{prefix}/{key}": float(value) for key, value in metrics.items()}
     out[f"{prefix}/loss"] = outputs.loss
     return out
+
+
+def ranking_metrics(outputs: EvalOutputs, prefix: str, min_precision: float) -> dict[str, float]:
+    """Threshold-free scores of how well the crack probabilities rank tiles: `ap` (average
+    precision), `f1_best` (F1 at this split's own best threshold, `f1_best_threshold`) and
+    `recall_at_precision` (the highest recall whose precision >= `min_precision`, 0 if none).
+    They do not move when a loss or a sampling choice shifts the calibration."""
+    if len(set(outputs.targets.tolist())) < 2:
+        return {}  # undefined with one class (warned about at start): not logged
+    threshold = best_f1_threshold(outputs.probs, outputs.targets)
+    at_best = classification_metrics(outputs.probs, outputs.targets, threshold)
+    floor = threshold_for_min_precision(outputs.probs, outputs.targets, min_precision)
+    return {
+        f"{prefix}/ap": average_precision(outputs.probs, outputs.targets),
+        f"{prefix}/f1_best": float(at_best["f1"]),
+        f"{prefix}/f1_best_threshold": threshold,
+        f"{prefix}/recall_at_precision": floor[1] if floor else 0.0,
+    }
 
 
 def per_surface_metrics(outputs: EvalOutputs, prefix: str, threshold: float) -> dict[str, float]:

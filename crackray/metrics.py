@@ -20,6 +20,7 @@ from scipy import ndimage
 from torchmetrics.functional.classification import (
     binary_accuracy,
     binary_auroc,
+    binary_average_precision,
     binary_confusion_matrix,
     binary_f1_score,
     binary_precision,
@@ -89,6 +90,15 @@ def classification_metrics(probs, targets, threshold: float = 0.5) -> dict:
     else:
         out["auroc"] = binary_auroc(probs, targets).item()
     return out
+
+
+def average_precision(probs, targets) -> float:
+    """Area under the crack precision-recall curve (threshold-free); NaN for one class."""
+    probs, targets = _as_tensors(probs, targets)
+    positives = int(targets.sum())
+    if positives == 0 or positives == targets.numel():
+        return float("nan")
+    return binary_average_precision(probs, targets).item()
 
 
 def confusion_matrix(probs, targets, threshold: float = 0.5) -> list[list[int]]:

@@ -105,9 +105,10 @@ class Schedule:
             self.scheduler.step()
             self.steps += 1
 
-    def step_epoch(self, val_f1: float) -> None:
+    def step_epoch(self, score: float) -> None:
+        """End of an epoch: the plateau scheduler watches the validation objective (max)."""
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            self.scheduler.step(0.0 if math.isnan(val_f1) else val_f1)
+            self.scheduler.step(0.0 if math.isnan(score) else score)
 
     def state_dict(self) -> dict:
         if self.scheduler is None:

@@ -29,12 +29,12 @@ from crackray.metrics import (
     roc_curve,
 )
 from crackray.models import model_segments
+from crackray.scores import OBJECTIVE_KEY, SCORE_KEYS
 from crackray.tracking import Tracker
 
 GALLERY_SIZE = 8  # worst false negatives / false positives shown
 LOSS_KEYS = ["train/loss", "val/loss"]
 SEGDEC_LOSS_KEYS = ["train/seg", "train/dec"]  # segdec's parts of the training loss
-SCORE_KEYS = ["val/precision", "val/recall", "val/f1", "val/auroc"]
 
 
 def build_report(run_id: str, out: str | Path, *, tracking_uri: str | None = None) -> Path:
@@ -93,11 +93,12 @@ def _tune_page(tracker: Tracker, run, out: Path) -> str:
              *[t.data.params.get(k) for k in searched],
              *[t.data.metrics.get(k, math.nan) for k in SCORE_KEYS],
              t.info.run_id] for t in trials]
-    rows.sort(key=lambda r: -np.nan_to_num(r[2 + len(searched) + 2], nan=-1.0))  # by val/f1
+    objective_column = 2 + len(searched) + SCORE_KEYS.index(OBJECTIVE_KEY)
+    rows.sort(key=lambda r: -np.nan_to_num(r[objective_column], nan=-1.0))
     best_id = run.data.tags.get("crackray.best_run_id") or (rows[0][-1] if rows else None)
     parts = [f"# Tuning job {run.info.run_name}", "",
              f"MLflow run `{run.info.run_id}`, {len(trials)} trials; best trial: `{best_id}`.", "",
-             "## Trials (last epoch's validation metrics, by F1)", "",
+             f"## Trials (last epoch's validation metrics, by {OBJECTIVE_KEY})", "",
              table(["trial", "status", *searched, *SCORE_KEYS, "run_id"], rows), ""]
     if best_id:
         (out / "best_trial" / "report.md").write_text(
@@ -191,7 +192,7 @@ def _pixel_table(val: EvalOutputs, test: EvalOutputs) -> str:
 
 
 def _curves(tracker: Tracker, run, out: Path) -> list[str]:
-    keys = LOSS_KEYS + SEGDEC_LOSS_KEYS + SCORE_KEYS
+    keys = LOSS_KEYS + SEGDEC_LOSS_KEYS + list(SCORE_KEYS)
     histories = {k: tracker.metric_history(run.info.run_id, k) for k in keys}
     epochs = sorted(set().union(*(h.keys() for h in histories.values())))
     if not epochs:
@@ -200,7 +201,7 @@ def _curves(tracker: Tracker, run, out: Path) -> list[str]:
                for e in epochs]
     loss_keys = LOSS_KEYS + [k for k in SEGDEC_LOSS_KEYS if histories[k]]
     loss = _save(plots.history_figure(history, loss_keys, "loss", "loss"), out / "loss_curves.png")
-    score = _save(plots.history_figure(history, SCORE_KEYS, "validation scores (at 0.5)"),
+    score = _save(plots.history_figure(history, list(SCORE_KEYS), "validation scores"),
                   out / "score_curves.png")
     return ["## Training curves", "", f"![loss]({loss}) ![scores]({score})", ""]
 

@@ -15,11 +15,16 @@ import ray
 RAY_ENV_VARS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
-def ensure_ray(address: str | None = None) -> None:
+def ensure_ray(address: str | None = None, *, verbose: bool = False) -> None:
     """Connect to `address` (or $RAY_ADDRESS, set inside a Ray job), or start a local Ray
-    once per process (the embedded default)."""
+    once per process (the embedded default). Unless `verbose`, the workers' and actors'
+    output (Tune's trial tracebacks when ASHA stops a trial, the controller's routine log
+    lines) stays in Ray's log files instead of the console; their failures still reach the
+    driver as exceptions, and `crackray train` / `tune` print their own progress lines."""
     if ray.is_initialized():
         return
+    if not verbose:
+        _quiet_ray_routine()
     # "local", not None: with None, ray.init attaches to the newest Ray started on this
     # machine by anyone (/tmp/ray/ray_current_cluster), and hangs if that one has died.
     address = address or os.environ.get("RAY_ADDRESS") or "local"
@@ -35,6 +40,7 @@ def ensure_ray(address: str | None = None) -> None:
         runtime_env=runtime_env,
         configure_logging=True,
         logging_level="WARNING",
+        log_to_driver=verbose,
     )
     if address == "local":
         from ray._private.utils import write_ray_address
@@ -53,3 +59,14 @@ def _isolate_local_ray() -> None:
     """
     if "RAY_TMPDIR" not in os.environ:
         os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="crackray-ray-", dir="/tmp")
+
+
+def _quiet_ray_routine() -> None:
+    """Ray's deprecation notices are routine, not news; real warnings (Ray's own, ours,
+    torch's, a user's) still print."""
+    import logging
+    import warnings
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-read INFO estimates
+    for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"ray(\.|$)")

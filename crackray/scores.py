@@ -1,18 +1,23 @@
-"""Which validation numbers rank epochs and trials: one definition for the best checkpoint,
-early stopping, Tune's ranking and the tables that show it."""
+"""What "better" means: the one validation score (`val/objective`) that picks the best
+checkpoint, drives early stopping and the plateau scheduler, and that ASHA, TPE, tune's
+ranking and report's trials table all read."""
 
 from __future__ import annotations
 
 from crackray.config import RunConfig
 
+OBJECTIVE_KEY = "val/objective"
 # The validation scores every trial table shows (tune's summary, report's trials table).
-SCORE_KEYS = ("val/f1", "val/recall", "val/precision", "val/auroc")
+SCORE_KEYS = (OBJECTIVE_KEY, "val/ap", "val/f1_best", "val/f1", "val/recall", "val/precision",
+              "val/auroc")
 
 
-def selection_score(cfg: RunConfig, metrics: dict, segments: bool) -> float:
-    """The validation score that picks the best checkpoint and drives early stopping."""
+def objective(cfg: RunConfig, metrics: dict, segments: bool) -> float:
+    """`val/objective` of one epoch from its validation metrics (NaN when undefined, e.g. a
+    split with one class: such an epoch never counts as an improvement)."""
+    decision = metrics.get(f"val/{cfg.train.objective}", float("nan"))
     if not segments or cfg.train.best_model == "dec":
-        return metrics["val/f1"]
-    if cfg.train.best_model == "seg":
-        return metrics["val/pixel_f1"]
-    return (metrics["val/f1"] + metrics["val/pixel_f1"]) / 2
+        return decision
+    prefix = "pixel" if cfg.train.pixel_protocol == "symmetric" else "segdec"
+    pixel = metrics[f"val/{prefix}_f1"]
+    return pixel if cfg.train.best_model == "seg" else (decision + pixel) / 2

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from crackray.config import (
+    ExperimentFile,
     RunConfig,
     load_experiment,
     parse_overrides,
@@ -191,17 +192,42 @@ def test_every_search_space_loads_validates_and_converts(path):
     assert set(dists) == set(exp.search)
 
 
-def test_sdnet_classifier_base_is_the_documented_one():
-    exp = load_experiment(REPO / "search_spaces" / "sdnet_classifier.yaml")
-    base = exp.base
-    assert (base.data.path, base.data.image_size) == ("data/sdnet2018", 224)
-    assert (base.model.name, base.model.pretrained) == ("resnet18", False)
-    assert (base.optim.name, base.optim.scheduler) == ("adamw", "cosine")
-    assert base.loss.class_weighting == "inverse_frequency" or base.data.balanced_sampling
-    assert {"optim.lr", "loss.pos_weight", "loss.name", "model.name"} <= set(exp.search)
-    assert "explicit" in exp.search["loss.class_weighting"].choices  # pos_weight needs it
-    assert (exp.tune.metric, exp.tune.mode) == ("val/f1", "max")
+def test_conditional_search_never_samples_an_inert_parameter():
+    """sdnet_classifier.yaml: focal's alpha / gamma only under focal, pos_weight only with
+    `explicit`, class weighting only without balanced sampling (one imbalance correction)."""
+    from crackray.tune.space import define_by_run
 
+    exp = load_experiment(REPO / "search_spaces" / "sdnet_classifier.yaml")
+    space = define_by_run(exp.search, exp.base)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = []
+    for _ in range(200):
+        trial = study.ask()
+        space(trial)
+        seen.append(trial.params)
+        study.tell(trial, 0.0)
+    for params in seen:
+        focal = params["loss.name"] == "focal"
+        assert ("loss.focal_alpha" in params) == focal and ("loss.focal_gamma" in params) == focal
+        assert ("loss.class_weighting" in params) == (not params["data.balanced_sampling"])
+        explicit = params.get("loss.class_weighting") == "explicit"
+        assert ("loss.pos_weight" in params) == explicit
+        with_params(exp.base, params)  # every sampled combination is a valid config
+    # ...and every branch was reached.
+    assert {p["loss.name"] for p in seen} == {"bce", "focal"}
+    assert any("loss.pos_weight" in p for p in seen) and any(
+        p["data.balanced_sampling"] for p in seen)
+
+
+def test_a_condition_must_name_an_earlier_or_base_key():
+    search = {"loss.focal_alpha": {"type": "float", "low": 0.1, "high": 0.9,
+                                   "when": {"loss.name": "focal"}},
+              "loss.name": {"type": "categorical", "choices": ["bce", "focal"]}}
+    with pytest.raises(ValueError, match="must be searched before"):
+        ExperimentFile.model_validate({"search": search})
+    with pytest.raises(ValueError, match="not a key of base or search"):
+        ExperimentFile.model_validate({"search": {"optim.lr": {
+            "type": "float", "low": 1e-4, "high": 1e-2, "when": {"loss.nope": 1}}}})
 
 def test_search_overrides_replace_or_drop_a_searched_entry():
     from crackray.config import load_experiment, parse_overrides

@@ -56,7 +56,7 @@ def test_three_trials_give_one_parent_three_children(tmp_path, cli):
     )
     result = cli("tune", space)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "top trials by val/f1" in result.stdout
+    assert "top trials by val/objective" in result.stdout
 
     store = tmp_path / "mlflow.db"
     parents, children = runs_of(store, "tune"), runs_of(store, "trial")
@@ -73,35 +73,42 @@ def test_three_trials_give_one_parent_three_children(tmp_path, cli):
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert child.info.status == "FINISHED"
-        for key in ("val/f1", "val/recall", "val/precision", "val/auroc", "val/loss", "train/loss"):
+        for key in ("val/objective", "val/ap", "val/f1", "val/recall", "val/precision",
+                    "val/auroc", "val/loss", "train/loss"):
             steps = [m.step for m in client.get_metric_history(child.info.run_id, key)]
             assert sorted(steps) == [0, 1], (key, steps)
-        # The searched params are logged once, with the trial's values.
-        assert float(child.data.params["optim.lr"]) == pytest.approx(
-            float(child.data.params["optim.lr"])
-        )
         files = {f.path for f in client.list_artifacts(child.info.run_id, "val")}
         assert "val/confusion_matrix.png" in files and "val/confusion_matrix.json" in files
         assert [f.path for f in client.list_artifacts(child.info.run_id, "checkpoints")] == [
             "checkpoints/best_model.pt"
         ]
+    # Each child run logged the values its trial was given: those Optuna sampled.
+    job = parent.data.tags["crackray.job_name"]
+    study = optuna.load_study(study_name=job,
+                              storage=f"sqlite:///{tmp_path / 'ray_results' / job / 'optuna.db'}")
+    sampled = sorted((round(t.params["optim.lr"], 12), t.params["loss.name"]) for t in study.trials)
+    logged = sorted((round(float(c.data.params["optim.lr"]), 12), c.data.params["loss.name"])
+                    for c in children)
+    assert logged == sampled
     best_id = parent.data.tags["crackray.best_run_id"]
     best = client.get_run(best_id)
     assert "test/f1" in best.data.metrics and "test/tuned/f1" in best.data.metrics
+    # The best trial has the highest val/objective at its best epoch (ties allowed).
+    best_objective = {c.info.run_id: max(m.value for m in client.get_metric_history(
+        c.info.run_id, "val/objective")) for c in children}
+    assert best_objective[best_id] == max(best_objective.values())
 
 
 def test_asha_prunes_a_trial_and_optuna_records_it(tmp_path, cli):
     # A sane learning rate first, then a tiny one (both fixed starting points, so the test
     # does not hang on what the sampler draws): one trial at a time, the tiny-lr trial reaches
-    # the first rung with a val/loss that has barely moved, worse than the first trial's, and
+    # the first rung with a val/objective (AP) near chance, worse than the first trial's, and
     # ASHA stops it there.
     space = write_space(
         tmp_path,
         search={"optim.lr": {"type": "categorical", "choices": [1e-7, 1e-2]}},
         tune={
             "num_samples": 3,
-            "metric": "val/loss",
-            "mode": "min",
             "seed": 3,
             "points_to_evaluate": [{"optim.lr": 1e-2}, {"optim.lr": 1e-7}],
             "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},

@@ -26,6 +26,7 @@ from crackray.runs import (
     absolute_storage,
     check_resumable,
     fetch_best_model,
+    log_run_lineage,
     resolve_data,
     run_params,
     train_counts,
@@ -33,6 +34,7 @@ from crackray.runs import (
 from crackray.runtime import ensure_ray
 from crackray.tracking import Tracker
 from crackray.train.hooks import hooks_from_environment
+from crackray.train.progress import EpochPrinter
 from crackray.train.worker import WorkerSettings, train_fn_per_worker
 
 
@@ -101,6 +103,7 @@ def run_training(
     resume: bool = False,
     storage_path: str = "ray_results",
     experiment: str | None = None,
+    verbose: bool = False,
 ) -> TrainingResult:
     """`crackray train`: one Ray Train run tracked as one MLflow run, then one test pass."""
     start = time.perf_counter()
@@ -130,18 +133,21 @@ def run_training(
         tags={"crackray.ray_run_name": name, "crackray.storage_path": storage},
     )
     tracker.log_params(run_id, params)
+    log_run_lineage(tracker, run_id, manifest, cfg.data.path)
     with tempfile.TemporaryDirectory() as folder:
         tracker.log_artifact(run_id, save_resolved(cfg, Path(folder) / "config.yaml"))
 
-    ensure_ray()
-    trainer = build_trainer(
-        cfg,
-        manifest,
-        tracking={"uri": tracker.uri, "run_id": run_id},
-        name=name,
-        storage_path=storage,
-    )
-    result = trainer.fit()
+    ensure_ray(verbose=verbose)
+    with EpochPrinter(cfg) as printer:
+        trainer = build_trainer(
+            cfg,
+            manifest,
+            tracking={"uri": tracker.uri, "run_id": run_id},
+            name=name,
+            storage_path=storage,
+            callbacks=[printer.callback],
+        )
+        result = trainer.fit()
     best = fetch_best_model(result.checkpoint)
     with result.checkpoint.as_directory() as folder:
         saved = torch.load(Path(folder) / checkpoints.STATE_FILE, weights_only=True)

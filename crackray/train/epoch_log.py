@@ -52,6 +52,8 @@ class EpochLogger:
         if improved:
             self.tracker.log_artifacts(self.run_id, decision_artifacts(val, 0.5, "val"))
             self.tracker.log_artifact(self.run_id, best_file, "checkpoints")
+            self.tracker.log_best_model(self.run_id, best_file, step=epoch,
+                                        tags={"val/objective": metrics.get("val/objective")})
             self.tracker.set_tags(self.run_id, {"crackray.best_epoch": epoch})
         last = metrics["early_stopped"] or epoch == self.cfg.train.epochs - 1
         if self.examples is not None and ((epoch + 1) % self.cfg.train.log_masks_every == 0

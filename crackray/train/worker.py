@@ -15,11 +15,11 @@ from crackray.config import RunConfig
 from crackray.data.pipeline import iterate_batches
 from crackray.data.splits import TRAIN, VAL
 from crackray.engine import Objective, broadcast_buffers, evaluate, gather, train_one_epoch
-from crackray.evaluation import pixel_split_metrics, split_metrics
+from crackray.evaluation import pixel_split_metrics, ranking_metrics, split_metrics
 from crackray.models import create_model, model_segments
 from crackray.optim import Schedule, build_optimizer
 from crackray.sampling import frequency_sampler, keep_rows, lockstep
-from crackray.scores import selection_score
+from crackray.scores import OBJECTIVE_KEY, objective
 from crackray.train.epoch_log import EpochLogger
 from crackray.train.hooks import Hook, run_hooks
 from crackray.train.state import Checkpointer
@@ -68,12 +68,12 @@ def train_fn_per_worker(config: dict) -> None:
         val = gather(evaluate(checkpoints.unwrap(model), val_batches, objective, epoch=epoch,
                               keep_seg_maps=segments, **steps))
 
-        metrics = _epoch_metrics(train_stats, val, epoch, epochs, segments)
-        improved = state.record(epoch, metrics, selection_score(cfg, metrics, segments),
+        metrics = _epoch_metrics(cfg, train_stats, val, epoch, segments)
+        improved = state.record(epoch, metrics, metrics[OBJECTIVE_KEY],
                                 cfg.train.early_stopping_min_delta,
                                 cfg.train.early_stopping_patience)
         metrics["early_stopped"] = int(state.stopped_early)
-        schedule.step_epoch(metrics["val/f1"])
+        schedule.step_epoch(metrics[OBJECTIVE_KEY])
         if improved:
             best_weights = checkpoints.cpu_state(model)
         with checkpointer.epoch_checkpoint(model, optimizer, schedule, state,
@@ -122,11 +122,13 @@ def _train_batches(cfg: RunConfig, epoch: int, sampler, device: torch.device):
     return lockstep(batches, device) if sampler else batches
 
 
-def _epoch_metrics(train_stats: dict, val, epoch: int, epochs: int, segments: bool) -> dict:
+def _epoch_metrics(cfg: RunConfig, train_stats: dict, val, epoch: int, segments: bool) -> dict:
     metrics = {f"train/{k}": v for k, v in train_stats.items()}
-    metrics.update(split_metrics(val, VAL))
+    metrics.update(split_metrics(val, VAL))  # at 0.5, for comparison with older runs
+    metrics.update(ranking_metrics(val, VAL, cfg.train.objective_min_precision))
     if segments:
         metrics.update(pixel_split_metrics(val, VAL)[1])
+    metrics[OBJECTIVE_KEY] = objective(cfg, metrics, segments)
     metrics["epoch"] = epoch
-    metrics["epochs_planned"] = epochs
+    metrics["epochs_planned"] = cfg.train.epochs
     return metrics

@@ -13,12 +13,19 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from crackray.config import ExperimentFile, TuneConfig
 from crackray.errors import ConfigError
-from crackray.runs import absolute_storage, check_resumable, resolve_data, run_params
+from crackray.runs import (
+    absolute_storage,
+    check_resumable,
+    log_run_lineage,
+    resolve_data,
+    run_params,
+)
 from crackray.runtime import ensure_ray
 from crackray.tracking import Tracker
+from crackray.tune.progress import TrialPrinter
 from crackray.tune.resources import plan_resources, trial_base
 from crackray.tune.results import TuneSummary, finish_job
-from crackray.tune.space import check_search_values, to_optuna
+from crackray.tune.space import check_search_values, define_by_run
 from crackray.tune.trial import PrunedAwareOptunaSearch, TrialContext, trial_driver
 
 
@@ -28,9 +35,9 @@ def run_tuning(
     *,
     resume: bool = False,
     address: str | None = None,
+    verbose: bool = False,
 ) -> TuneSummary:
     check_search_values(experiment)
-    distributions = to_optuna(experiment.search)
     base, manifest = resolve_data(trial_base(experiment))
     tcfg = experiment.tune
     tracker = Tracker(base.tracking.uri)
@@ -61,8 +68,9 @@ def run_tuning(
         parent_run_id, {f"base.{k}": v for k, v in run_params(base, manifest).items()}
     )
     tracker.log_artifact(parent_run_id, file)
+    log_run_lineage(tracker, parent_run_id, manifest, base.data.path)
 
-    ensure_ray(address)
+    ensure_ray(address, verbose=verbose)
     plan = plan_resources(tcfg, ray.cluster_resources())
     print(plan.describe())
     job = TrialContext(
@@ -87,7 +95,7 @@ def run_tuning(
                 num_samples=tcfg.num_samples,
                 max_concurrent_trials=plan.concurrent_trials,
                 search_alg=PrunedAwareOptunaSearch(
-                    space=distributions,
+                    space=define_by_run(experiment.search, base),
                     metric=tcfg.metric,
                     mode=tcfg.mode,
                     sampler=optuna.samplers.TPESampler(seed=tcfg.seed),
@@ -102,7 +110,9 @@ def run_tuning(
                 name=job_name,
                 storage_path=storage,
                 failure_config=tune.FailureConfig(max_failures=tcfg.max_failures),
-                verbose=1,
+                # Tune's result tables only with --verbose: TrialPrinter tells the story.
+                verbose=1 if verbose else 0,
+                callbacks=[TrialPrinter(base.train.objective)],
             ),
         )
     results = tuner.fit()

@@ -176,7 +176,7 @@ def _log_job_artifacts(
 
 def format_table(rows: list[dict], params: list[str], metric: str, top: int = 10) -> str:
     """The end-of-job terminal table of the top trials."""
-    columns = ["trial_id", "status", "epochs_run", *params, "val/f1", "val/recall", "val/precision"]
+    columns = ["trial_id", "status", "epochs_run", *params, *SCORE_KEYS[:4]]
 
     def cell(value):
         if isinstance(value, float):

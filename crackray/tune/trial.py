@@ -11,7 +11,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search.optuna import OptunaSearch
 
 from crackray.config import RunConfig, with_params
-from crackray.runs import run_params
+from crackray.runs import log_run_lineage, run_params
 from crackray.tracking import Tracker
 from crackray.train.driver import build_trainer
 
@@ -45,6 +45,7 @@ def trial_driver(params: dict, *, job: TrialContext) -> None:
         tags={"crackray.trial_id": trial_id},
     )
     tracker.log_params(run_id, run_params(cfg, job.manifest))
+    log_run_lineage(tracker, run_id, job.manifest, cfg.data.path, parent_run_id=job.parent_run_id)
     trainer = build_trainer(
         cfg,
         job.manifest,
