@@ -195,10 +195,10 @@ def test_every_search_space_loads_validates_and_converts(path):
 def test_conditional_search_never_samples_an_inert_parameter():
     """sdnet_classifier.yaml: focal's alpha / gamma only under focal, pos_weight only with
     `explicit`, class weighting only without balanced sampling (one imbalance correction)."""
-    from crackray.tune.space import define_by_run
+    from crackray.tune.space import ConditionalSpace
 
     exp = load_experiment(REPO / "search_spaces" / "sdnet_classifier.yaml")
-    space = define_by_run(exp.search, exp.base)
+    space = ConditionalSpace(exp.search, exp.base)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     seen = []
     for _ in range(200):

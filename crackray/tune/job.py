@@ -25,7 +25,7 @@ from crackray.tracking import Tracker
 from crackray.tune.progress import TrialPrinter
 from crackray.tune.resources import plan_resources, trial_base
 from crackray.tune.results import TuneSummary, finish_job
-from crackray.tune.space import check_search_values, define_by_run
+from crackray.tune.space import ConditionalSpace, check_search_values
 from crackray.tune.trial import PrunedAwareOptunaSearch, TrialContext, trial_driver
 
 
@@ -95,7 +95,7 @@ def run_tuning(
                 num_samples=tcfg.num_samples,
                 max_concurrent_trials=plan.concurrent_trials,
                 search_alg=PrunedAwareOptunaSearch(
-                    space=define_by_run(experiment.search, base),
+                    space=ConditionalSpace(experiment.search, base),
                     metric=tcfg.metric,
                     mode=tcfg.mode,
                     sampler=optuna.samplers.TPESampler(seed=tcfg.seed),

@@ -27,19 +27,20 @@ def to_optuna(search: dict[str, Distribution]) -> dict[str, optuna.distributions
     return out
 
 
-def define_by_run(search: dict[str, Distribution], base: RunConfig):
+class ConditionalSpace:
     """Optuna define-by-run space for OptunaSearch: each trial samples the entries whose
     `when` conditions hold for what it sampled before them, so TPE never spends a trial on a
-    parameter that has no effect (focal's alpha under BCE, pos_weight without `explicit`)."""
-    base_tree = base.model_dump()
+    parameter that has no effect (focal's alpha under BCE, pos_weight without `explicit`).
+    A class, not a closure: Tune pickles the searcher with the job's state."""
 
-    def space(trial: optuna.Trial) -> None:
+    def __init__(self, search: dict[str, Distribution], base: RunConfig):
+        self.search, self.base_tree = search, base.model_dump()
+
+    def __call__(self, trial: optuna.Trial) -> None:
         sampled: dict = {}
-        for key, dist in search.items():
-            if key in active_keys(search, base_tree, sampled):
+        for key, dist in self.search.items():
+            if key in active_keys(self.search, self.base_tree, sampled):
                 sampled[key] = _suggest(trial, key, dist)
-
-    return space
 
 
 def _suggest(trial: optuna.Trial, key: str, dist: Distribution):
