@@ -62,6 +62,7 @@ def build_trainer(
         steps_per_epoch=max(1, math.ceil(rows_per_worker / cfg.train.batch_size)),
         run_folder=f"{storage_path}/{name}",
         tracking=tracking,
+        tile=manifest.get("tile"),
         hooks=hooks_from_environment(),
     )
     resources = {"CPU": cfg.train.cpus_per_worker}

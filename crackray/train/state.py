@@ -78,8 +78,9 @@ class Checkpointer:
     """Writes one checkpoint folder per epoch (rank 0: latest state + best model file) and
     restores the newest readable one after a restart."""
 
-    def __init__(self, cfg: RunConfig, run_folder: str | None, rank: int):
-        self.cfg, self.run_folder, self.rank = cfg, run_folder, rank
+    def __init__(self, cfg: RunConfig, run_folder: str | None, rank: int,
+                 tile: int | None = None):
+        self.cfg, self.run_folder, self.rank, self.tile = cfg, run_folder, rank, tile
 
     def restore(self, model, optimizer, schedule) -> tuple[TrainingState, dict | None]:
         """Load the newest readable checkpoint into model / optimizer / schedule; returns the
@@ -121,6 +122,7 @@ class Checkpointer:
                 Path(folder) / checkpoints.BEST_FILE,
                 best_weights,
                 self.cfg,
+                tile=self.tile,
                 epoch=state.best_epoch,
                 val_score=state.best_score,
             )

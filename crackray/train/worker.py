@@ -34,6 +34,7 @@ class WorkerSettings:
     steps_per_epoch: int
     run_folder: str  # this run's folder in the storage path: the epoch checkpoints
     tracking: dict | None = None  # {"uri", "run_id"} of the MLflow run rank 0 logs to
+    tile: int | None = None  # px the training photos were cut into (manifest), for predict
     hooks: tuple[Hook, ...] = ()  # called at named points of the loop (train/hooks.py)
 
 
@@ -46,7 +47,7 @@ def train_fn_per_worker(config: dict) -> None:
     run_hooks(settings.hooks, "start", rank)
 
     model, objective, optimizer, schedule = _training_parts(cfg, settings, device)
-    checkpointer = Checkpointer(cfg, settings.run_folder, rank)
+    checkpointer = Checkpointer(cfg, settings.run_folder, rank, settings.tile)
     state, best_weights = checkpointer.restore(model, optimizer, schedule)
     logger = EpochLogger.on_rank_zero(rank, settings.tracking, cfg, segments, state.history)
     sampler = frequency_sampler(cfg)  # None unless data.frequency_sampling
