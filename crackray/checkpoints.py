@@ -29,13 +29,29 @@ def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_model_file(
-    path: str | Path, weights: dict[str, torch.Tensor], cfg: RunConfig, **extra: Any
+    path: str | Path,
+    weights: dict[str, torch.Tensor],
+    cfg: RunConfig,
+    *,
+    tile: int | None = None,
+    **extra: Any,
 ) -> Path:
-    """Weights + the resolved config (model name, image size) + extras such as the epoch,
-    the validation F1 or the calibrated threshold."""
+    """Weights + the resolved config (model name, image size) + the scale it was trained at
+    + extras such as the epoch, the validation F1 or the calibrated threshold.
+
+    `tile` is the training data's tile size (the dataset manifest's `tile`: the px its photos
+    were cut into before being resized to `image_size`); None when the dataset's images were
+    used as they are. `predict` cuts photo windows at that size, so cracks keep their scale."""
     path = Path(path)
-    torch.save({"model_state": weights, "config": cfg.model_dump(), **extra}, path)
+    torch.save({"model_state": weights, "config": cfg.model_dump(), **extra, "tile": tile,
+                "image_size": cfg.data.image_size}, path)
     return path
+
+
+def trained_tile(payload: dict[str, Any]) -> int | None:
+    """The tile size a model file records (None: unknown, or the dataset's own images)."""
+    tile = payload.get("tile")
+    return int(tile) if tile else None
 
 
 def load_model_file(path: str | Path) -> dict[str, Any]:

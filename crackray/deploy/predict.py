@@ -1,21 +1,19 @@
 """`crackray predict`: a model on tiles, folders and full-size photos.
 
-Tiles go through exactly the evaluation preprocessing (`decode_rgb` at the model's image size,
-then `to_model_input`), so a tile gets the probability evaluation gave it. Photos larger than
-the tile are cut into tile x tile windows at `stride`; each window is resized like a tile, and
-the window probabilities are averaged into a crack-probability map and an overlay PNG.
+The pixels come from `tiling.pieces_from_bytes`, the code the served MLflow model runs too:
+a tile gets the probability evaluation gave it; a photo is cut into windows at the scale the
+model was trained at (the tile size in its model file), overlapping by half a window unless
+told otherwise, and gets a photo-level row (cracked if any window is) beside its window rows,
+a probability map and an overlay PNG (`outputs.py`).
 
-A file that cannot be used (corrupt, not an image, over the decompression-bomb limit) gets an
+Rows are written as they are produced, so a large folder never piles up on the driver. A
+file that cannot be used (corrupt, not an image, over the decompression-bomb limit) gets an
 error row; the other files are still predicted. Large folders go through Ray Data with the
 model on actors.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import math
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -24,21 +22,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from crackray import checkpoints
 from crackray.config import RunConfig
-from crackray.data.images import decode_rgb, encode_png
 from crackray.data.transforms import to_model_input
+from crackray.deploy.tiling import IMAGE_SUFFIXES, Gatherer, pieces_from_bytes
 from crackray.engine import crack_logits, seg_probabilities, to_uint8_maps
 from crackray.errors import CrackrayError, DataError
 from crackray.models import model_segments
 from crackray.tracking import Tracker
 
 RAY_THRESHOLD = 2000  # files: above this, predict with Ray Data and model actors
-OVERLAY_MAX_SIDE = 2048  # px: maps and overlays of big photos are saved downscaled
-CSV_FIELDS = ["path", "tile", "probability", "decision", "threshold", "error"]
+# Windows of a model file that records no training tile: SDNET2018's and the synthetic
+# data's own tile size.
+DEFAULT_TILE = 256
 MODEL_FILE = "crackray_model.pt"  # the calibrated model file `select` logs with the model
 MODEL_FILE_NAMES = (MODEL_FILE, checkpoints.BEST_FILE)
 DEFAULT_MASK_THRESHOLD = 0.5  # segdec masks of model files that `select` has not calibrated
@@ -59,10 +57,29 @@ class Predictor:
     device: torch.device
     # segdec masks: crack pixel iff map >= this (`select` calibrates it on validation)
     mask_threshold: float = DEFAULT_MASK_THRESHOLD
+    tile: int | None = None  # the training tile size its model file records
 
     @property
     def image_size(self) -> int:
         return self.cfg.data.image_size
+
+    @property
+    def segments(self) -> bool:
+        return model_segments(self.cfg.model.name)
+
+    def window(self, tile: int | None, stride: int | None) -> tuple[int, int, str]:
+        """(tile, stride, why this tile): the model's training scale unless told otherwise;
+        windows overlap by half a tile by default."""
+        if tile is not None:
+            why = "--tile"
+        elif self.tile is not None:
+            tile, why = self.tile, "the model's training tile"
+        else:
+            tile, why = DEFAULT_TILE, f"default {DEFAULT_TILE}: the model file records no tile"
+        stride = stride if stride is not None else max(1, tile // 2)
+        if stride < 1 or tile < 1:
+            raise CrackrayError("--tile and --stride must be positive")
+        return tile, stride, why
 
     @torch.no_grad()
     def predict_batch(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -74,8 +91,18 @@ class Predictor:
             return probs, None
         return probs, to_uint8_maps(seg_probabilities(outputs[1], images.shape[1:3]))
 
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
-        return self.predict_batch(images)[0]
+    def score(self, pieces: list[dict]) -> None:
+        """Set `probability` (and `seg` for a segmentation model) on pieces without an error,
+        and drop their pixels: a big folder must not pile up images."""
+        good = [p for p in pieces if not p.get("error")]
+        if good:
+            probs, seg_maps = self.predict_batch(np.stack([p["image"] for p in good]))
+            for i, (p, prob) in enumerate(zip(good, probs, strict=True)):
+                p["probability"] = float(prob)
+                if seg_maps is not None:
+                    p["seg"] = seg_maps[i]
+        for p in pieces:
+            p.pop("image", None)
 
 
 def load_predictor(
@@ -97,15 +124,10 @@ def load_predictor(
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise CrackrayError("--device cuda: no CUDA GPU is available here")
-    return Predictor(
-        model.to(torch_device).eval(),
-        cfg,
-        threshold,
-        source,
-        model_file,
-        torch_device,
-        mask_threshold=float(payload.get("pixel_threshold", DEFAULT_MASK_THRESHOLD)),
-    )
+    return Predictor(model.to(torch_device).eval(), cfg, threshold, source, model_file,
+                     torch_device,
+                     mask_threshold=float(payload.get("pixel_threshold", DEFAULT_MASK_THRESHOLD)),
+                     tile=checkpoints.trained_tile(payload))
 
 
 def _model_file(ref: str, tracking_uri: str | None) -> Path:
@@ -117,8 +139,8 @@ def _model_file(ref: str, tracking_uri: str | None) -> Path:
             raise CrackrayError(f"{ref}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
         tracker = Tracker(tracking_uri)
         version = tracker.model_version(name, which)
-        # Only the weights-only crackray file: never the pickled copy MLflow keeps beside it.
-        local = tracker.download_uri(f"models:/{name}/{version.version}/extra_files/{MODEL_FILE}")
+        # Only the weights-only crackray file (a pyfunc artifact): never a pickle.
+        local = tracker.download_uri(f"models:/{name}/{version.version}/artifacts/{MODEL_FILE}")
     elif ref.startswith("runs:/"):
         local = Tracker(tracking_uri).download_uri(ref)
     else:
@@ -138,7 +160,8 @@ def _model_file(ref: str, tracking_uri: str | None) -> Path:
 
 
 def collect_inputs(inputs: Iterable[str | Path]) -> list[Path]:
-    """Files as given, folders expanded recursively (sorted, hidden files skipped)."""
+    """Files as given; folders expanded recursively to their image files (by suffix; sorted,
+    hidden files skipped), so a MANIFEST.csv or notes beside the photos are not inputs."""
     files = []
     for item in inputs:
         path = Path(item)
@@ -147,6 +170,7 @@ def collect_inputs(inputs: Iterable[str | Path]) -> list[Path]:
                 p
                 for p in path.rglob("*")
                 if p.is_file()
+                and p.suffix.lower() in IMAGE_SUFFIXES
                 and not any(part.startswith(".") for part in p.relative_to(path).parts)
             )
         elif path.exists():
@@ -154,82 +178,28 @@ def collect_inputs(inputs: Iterable[str | Path]) -> list[Path]:
         else:
             raise CrackrayError(f"{item}: no such file or folder")
     if not files:
-        raise CrackrayError("no input files found")
+        raise CrackrayError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) found")
     return files
 
 
-def _starts(length: int, tile: int, stride: int) -> list[int]:
-    """Window offsets covering [0, length): a last window flush with the edge if needed."""
-    starts = list(range(0, length - tile + 1, stride))
-    if starts[-1] + tile < length:
-        starts.append(length - tile)
-    return starts
-
-
-def _resize(window: np.ndarray, size: int) -> np.ndarray:
-    """The same bilinear resize that `decode_rgb` applies to a stored tile."""
-    if window.shape[:2] == (size, size):
-        return np.ascontiguousarray(window)
-    image = Image.fromarray(window).resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(image, dtype=np.uint8)
-
-
 def read_pieces(path: Path, index: int, *, image_size: int, tile: int, stride: int) -> list[dict]:
-    """The model inputs of one file: one piece for a tile, one per window for a photo, or one
-    error piece. Each piece: index, path, x, y (-1 for a tile), width, height, image, error."""
-
-    def piece(image=None, x=-1, y=-1, width=0, height=0, error=""):
-        if image is None:
-            image = np.zeros((image_size, image_size, 3), np.uint8)
-        return {
-            "index": index,
-            "path": str(path),
-            "x": x,
-            "y": y,
-            "width": width,
-            "height": height,
-            "image": image,
-            "error": error,
-        }
-
+    """`pieces_from_bytes` of one file, each piece tagged with the file's index and path, or
+    one error piece when the file cannot be used."""
     try:
-        data = path.read_bytes()
-        with Image.open(io.BytesIO(data)) as header:
-            width, height = header.size
-        if width <= tile and height <= tile or min(width, height) < tile:
-            return [piece(decode_rgb(data, image_size), width=width, height=height)]
-        rgb = decode_rgb(data)
-    except DataError as exc:
-        return [piece(error=str(exc))]
-    except UnidentifiedImageError:
-        return [piece(error="not an image (unrecognised file format)")]
-    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for broken files
-        return [piece(error=f"cannot decode: {type(exc).__name__}: {exc}")]
-    return [
-        piece(_resize(rgb[y : y + tile, x : x + tile], image_size), x, y, width, height)
-        for y in _starts(height, tile, stride)
-        for x in _starts(width, tile, stride)
-    ]
+        pieces = pieces_from_bytes(Path(path).read_bytes(), image_size=image_size, tile=tile,
+                                   stride=stride)
+    except (DataError, OSError) as exc:
+        message = str(exc) if isinstance(exc, DataError) else f"cannot read: {exc}"
+        pieces = [{"kind": "error", "x": 0, "y": 0, "width": 0, "height": 0,
+                   "image_width": 0, "image_height": 0, "count": 1, "error": message,
+                   "image": np.zeros((image_size, image_size, 3), np.uint8)}]
+    for piece in pieces:
+        piece.update(index=index, path=str(path))
+        piece.setdefault("error", "")
+    return pieces
 
 
-# ------------------------------------------------------------------------- prediction
-
-
-@dataclass
-class PredictResult:
-    rows: list[dict]
-    csv_path: Path
-    json_path: Path | None
-    maps: list[Path]
-    files: int
-    pieces: int
-    errors: int
-    seconds: float
-    threshold: float
-
-    @property
-    def pieces_per_s(self) -> float:
-        return self.pieces / max(self.seconds, 1e-9)
+# ------------------------------------------------------------------------- scoring
 
 
 def _batches(pieces: Iterator[dict], size: int) -> Iterator[list[dict]]:
@@ -243,34 +213,17 @@ def _batches(pieces: Iterator[dict], size: int) -> Iterator[list[dict]]:
         yield batch
 
 
-def _score(predictor: Predictor, batch: list[dict]) -> None:
-    """Set `probability` on every piece of the batch (NaN on error pieces)."""
-    good = [p for p in batch if not p["error"]]
-    if good:
-        probs, seg_maps = predictor.predict_batch(np.stack([p["image"] for p in good]))
-        for i, (p, prob) in enumerate(zip(good, probs, strict=True)):
-            p["probability"] = float(prob)
-            if seg_maps is not None:
-                p["seg"] = seg_maps[i]
-    for p in batch:
-        p.setdefault("probability", math.nan)
-        p.pop("image", None)  # keep only the numbers: a big folder must not pile up pixels
-
-
-def predict_local(
-    predictor: Predictor, files: list[Path], *, tile: int, stride: int, batch_size: int
-) -> list[dict]:
+def score_local(predictor: Predictor, files: list[Path], *, tile: int, stride: int,
+                batch_size: int) -> Iterator[dict]:
+    """Scored pieces, file after file, in this process."""
     def pieces():
         for i, path in enumerate(tqdm(files, desc="predict", unit="file", disable=None)):
-            yield from read_pieces(
-                path, i, image_size=predictor.image_size, tile=tile, stride=stride
-            )
+            yield from read_pieces(path, i, image_size=predictor.image_size, tile=tile,
+                                   stride=stride)
 
-    out = []
     for batch in _batches(pieces(), batch_size):
-        _score(predictor, batch)
-        out += batch
-    return out
+        predictor.score(batch)
+        yield from batch
 
 
 class _ActorScorer:
@@ -282,26 +235,25 @@ class _ActorScorer:
             path.write_bytes(model_bytes)
             model, cfg, _ = checkpoints.build_model_from_file(path)
         self.predictor = Predictor(model.to(device), cfg, 0.5, "", path, torch.device(device))
-        self.segmentation = model_segments(cfg.model.name)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images, ok = batch["image"], batch["error"] == ""
         out = {k: v for k, v in batch.items() if k != "image"}
         out["probability"] = np.full(len(ok), np.nan, dtype=np.float64)
-        if self.segmentation:  # every batch has the column (zeros on error rows): one schema
+        if self.predictor.segments:  # every batch has the column (zeros on errors): one schema
             out["seg"] = np.zeros(images.shape[:3], np.uint8)
         if ok.any():
             probs, seg_maps = self.predictor.predict_batch(images[ok])
             out["probability"][ok] = probs
-            if self.segmentation:
+            if seg_maps is not None:
                 out["seg"][ok] = seg_maps
         return out
 
 
-def predict_ray(
-    predictor: Predictor, files: list[Path], *, tile: int, stride: int, batch_size: int
-) -> list[dict]:
-    """Ray Data batch inference: reading / tiling in tasks, the model on actors."""
+def score_ray(predictor: Predictor, files: list[Path], *, tile: int, stride: int,
+              batch_size: int) -> Iterator[dict]:
+    """Ray Data batch inference: reading / tiling in tasks, the model on actors; scored
+    pieces are streamed back in whatever order they finish."""
     import ray
     import ray.data
 
@@ -312,40 +264,26 @@ def predict_ray(
     # One actor per GPU; on CPU half the cores, leaving the rest to the reading tasks.
     cpus = int(ray.cluster_resources().get("CPU", 1))
     actors = int(ray.cluster_resources().get("GPU", 1)) if gpu else max(1, cpus // 2)
+    image_size = predictor.image_size
     ds = ray.data.from_items([{"index": i, "path": str(p)} for i, p in enumerate(files)])
-    ds = ds.flat_map(
-        lambda row: read_pieces(
-            Path(row["path"]),
-            row["index"],
-            image_size=predictor.image_size,
-            tile=tile,
-            stride=stride,
-        )
-    )
+    ds = ds.flat_map(lambda row: read_pieces(Path(row["path"]), row["index"],
+                                             image_size=image_size, tile=tile, stride=stride))
     ds = ds.map_batches(
         _ActorScorer,
         batch_size=batch_size,
         batch_format="numpy",
         concurrency=actors,
         num_gpus=1 if gpu else 0,
-        fn_constructor_kwargs={
-            "model_bytes": predictor.model_file.read_bytes(),
-            "device": predictor.device.type,
-        },
+        fn_constructor_kwargs={"model_bytes": predictor.model_file.read_bytes(),
+                               "device": predictor.device.type},
     )
-    out = []
-    with tqdm(total=len(files), desc="predict (ray)", unit="file", disable=None) as bar:
-        seen = set()
-        for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
-            for i in range(len(batch["index"])):
-                row = {k: _plain(batch[k][i]) for k in batch}
-                if row["error"]:
-                    row.pop("seg", None)  # as predict_local: no mask for an unreadable file
-                out.append(row)
-                if row["index"] not in seen:
-                    seen.add(row["index"])
-                    bar.update(1)
-    return sorted(out, key=lambda r: (r["index"], r["y"], r["x"]))
+    for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        for i in range(len(batch["index"])):
+            piece = {k: _plain(batch[k][i]) for k in batch}
+            if piece["error"]:
+                piece.pop("seg", None)  # as score_local: no map for an unreadable file
+                piece.pop("probability", None)
+            yield piece
 
 
 def _plain(value):
@@ -353,174 +291,57 @@ def _plain(value):
     return value.item() if np.ndim(value) == 0 and hasattr(value, "item") else value
 
 
+# ------------------------------------------------------------------------- the command
+
+
+@dataclass
+class PredictResult:
+    csv_path: Path
+    json_path: Path | None
+    maps: list[Path]
+    files: int
+    pieces: int
+    errors: int
+    cracked: int  # files (tiles or photos) decided cracked
+    seconds: float
+    threshold: float
+    tile: int
+    stride: int
+    tile_source: str
+
+    @property
+    def pieces_per_s(self) -> float:
+        return self.pieces / max(self.seconds, 1e-9)
+
+
 def predict(
     ref: str,
     inputs: Iterable[str | Path],
     out: str | Path,
     *,
-    tile: int = 256,
-    stride: int = 256,
+    tile: int | None = None,
+    stride: int | None = None,
     batch_size: int = 64,
     write_json: bool = False,
     device: str | None = None,
     tracking_uri: str | None = None,
     ray_threshold: int = RAY_THRESHOLD,
 ) -> PredictResult:
-    if stride < 1 or tile < 1:
-        raise CrackrayError("--tile and --stride must be positive")
+    from crackray.deploy.outputs import PredictionWriter
+
     predictor = load_predictor(ref, tracking_uri=tracking_uri, device=device)
+    tile, stride, tile_source = predictor.window(tile, stride)
     files = collect_inputs(inputs)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    run = predict_ray if len(files) > ray_threshold else predict_local
-    pieces = run(predictor, files, tile=tile, stride=stride, batch_size=batch_size)
-    seconds = time.perf_counter() - start
-    rows = [_row(p, predictor.threshold) for p in pieces]
-    maps = _write_maps(pieces, predictor.threshold, tile, out / "maps")
-    masks = _write_masks(pieces, tile, out / "masks", predictor.mask_threshold)
-    maps += masks
-    csv_path = out / "predictions.csv"
-    with csv_path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    json_path = None
-    if write_json:
-        json_path = out / "predictions.json"
-        json_path.write_text(
-            json.dumps(
-                {
-                    "model": ref,
-                    "model_file": str(predictor.model_file),
-                    "threshold": predictor.threshold,
-                    "threshold_source": predictor.threshold_source,
-                    "mask_threshold": predictor.mask_threshold if masks else None,
-                    "image_size": predictor.image_size,
-                    "tile": tile,
-                    "stride": stride,
-                    "predictions": [
-                        {
-                            **r,
-                            "probability": None
-                            if r["probability"] == ""
-                            else float(r["probability"]),
-                        }
-                        for r in rows
-                    ],
-                },
-                indent=2,
-            )
-        )
-    errors = sum(1 for r in rows if r["error"])
-    return PredictResult(
-        rows,
-        csv_path,
-        json_path,
-        maps,
-        len(files),
-        len(rows) - errors,
-        errors,
-        seconds,
-        predictor.threshold,
-    )
-
-
-def _row(piece: dict, threshold: float) -> dict:
-    prob = piece["probability"]
-    ok = not piece["error"]
-    return {
-        "path": piece["path"],
-        "tile": f"{piece['x']},{piece['y']}" if piece["x"] >= 0 else "",
-        "probability": f"{prob:.6f}" if ok else "",
-        "decision": ("crack" if prob >= threshold else "no_crack") if ok else "error",
-        "threshold": f"{threshold:.6f}",
-        "error": piece["error"],
-    }
-
-
-# ------------------------------------------------------------------------- photo maps
-
-
-def probability_map(pieces: list[dict], width: int, height: int, tile: int) -> np.ndarray:
-    """Mean probability of the windows covering each pixel (float32, height x width)."""
-    total = np.zeros((height, width), np.float32)
-    count = np.zeros((height, width), np.float32)
-    for p in pieces:
-        total[p["y"] : p["y"] + tile, p["x"] : p["x"] + tile] += p["probability"]
-        count[p["y"] : p["y"] + tile, p["x"] : p["x"] + tile] += 1
-    return total / np.maximum(count, 1)
-
-
-def _write_maps(pieces: list[dict], threshold: float, tile: int, folder: Path) -> list[Path]:
-    """A greyscale probability map and a red overlay (crack decisions) per tiled photo."""
-    photos: dict[int, list[dict]] = {}
-    for p in pieces:
-        if p["x"] >= 0:
-            photos.setdefault(p["index"], []).append(p)
-    written, used = [], set()
-    for windows in photos.values():
-        path = Path(windows[0]["path"])
-        width, height = windows[0]["width"], windows[0]["height"]
-        prob = probability_map(windows, width, height, tile)
-        scale = min(1.0, OVERLAY_MAX_SIDE / max(width, height))
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        photo = Image.open(path).convert("RGB").resize(size, Image.Resampling.BILINEAR)
-        prob_small = np.asarray(Image.fromarray(prob).resize(size, Image.Resampling.BILINEAR))
-        alpha = (0.5 * (prob_small >= threshold))[..., None]
-        red = np.array([255, 0, 0], np.float32)
-        overlay = (np.asarray(photo, np.float32) * (1 - alpha) + red * alpha).astype(np.uint8)
-        stem = path.stem
-        while stem in used:
-            stem += "_"
-        used.add(stem)
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, array in (
-            (f"{stem}_prob.png", (prob_small * 255).round().astype(np.uint8)),
-            (f"{stem}_overlay.png", overlay),
-        ):
-            (folder / name).write_bytes(encode_png(array))
-            written.append(folder / name)
-    return written
-
-
-# ------------------------------------------------------------------------- segmentation masks
-
-def _write_masks(pieces: list[dict], tile: int, folder: Path, threshold: float) -> list[Path]:
-    """Segmentation models: one crack-mask PNG (0 / 255) per input file at its own size
-    (crack where the probability >= threshold); a photo's windows are stitched, averaging
-    where they overlap."""
-    files: dict[int, list[dict]] = {}
-    for p in pieces:
-        if "seg" in p:
-            files.setdefault(p["index"], []).append(p)
-    written, used = [], set()
-    for windows in files.values():
-        first = windows[0]
-        width, height = first["width"], first["height"]
-        if first["x"] < 0:  # a tile: its map covers the whole image
-            prob = _resize_map(first["seg"], width, height)
-        else:
-            total = np.zeros((height, width), np.float32)
-            count = np.zeros((height, width), np.float32)
-            for p in windows:
-                h, w = min(tile, height - p["y"]), min(tile, width - p["x"])
-                window = _resize_map(p["seg"], tile, tile)[:h, :w]
-                total[p["y"] : p["y"] + h, p["x"] : p["x"] + w] += window
-                count[p["y"] : p["y"] + h, p["x"] : p["x"] + w] += 1
-            prob = total / np.maximum(count, 1)
-        stem = Path(first["path"]).stem
-        while stem in used:
-            stem += "_"
-        used.add(stem)
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{stem}_mask.png"
-        path.write_bytes(encode_png(((prob >= threshold) * 255).astype(np.uint8)))
-        written.append(path)
-    return written
-
-
-def _resize_map(seg: np.ndarray, width: int, height: int) -> np.ndarray:
-    """uint8 0..255 map -> float 0..1 map of the given size."""
-    image = Image.fromarray(seg).resize((width, height), Image.Resampling.BILINEAR)
-    return np.asarray(image, np.float32) / 255.0
+    score = score_ray if len(files) > ray_threshold else score_local
+    gatherer = Gatherer()
+    with PredictionWriter(Path(out), predictor, ref=ref, tile=tile, stride=stride,
+                          tile_source=tile_source, write_json=write_json) as writer:
+        for piece in score(predictor, files, tile=tile, stride=stride, batch_size=batch_size):
+            done = gatherer.add(piece)
+            if done:
+                writer.write_file(done)
+    return PredictResult(writer.csv_path, writer.json_path, writer.maps, len(files),
+                         writer.pieces, writer.errors, writer.cracked,
+                         time.perf_counter() - start, predictor.threshold, tile, stride,
+                         tile_source)
