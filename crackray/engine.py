@@ -128,7 +128,8 @@ class EvalOutputs:
     surfaces: np.ndarray = field(default_factory=lambda: np.zeros(0, object))
     paths: np.ndarray = field(default_factory=lambda: np.zeros(0, object))
     loss_sum: float = 0.0
-    # segdec only: per-image crack-probability maps and ground-truth masks (uint8 0..255 / 0..1)
+    # segdec only: per-image crack-probability maps and ground-truth masks (uint8 0..255 / 0..1),
+    # pairs of one size each, which may differ between images (full-resolution masks)
     seg_probs: list = field(default_factory=list)
     masks: list = field(default_factory=list)
 
@@ -182,11 +183,23 @@ def evaluate(
             loss_sum=loss.item() * len(batch["label"]),
         )
         if keep_seg_maps and isinstance(outputs, tuple):
-            seg = seg_probabilities(outputs[1], batch["mask"].shape[-2:])
-            chunk.seg_probs = list(to_uint8_maps(seg))
-            chunk.masks = list(batch["mask"].cpu().numpy().astype(np.uint8))
+            chunk.seg_probs, chunk.masks = _scored_maps(outputs[1], batch)
         chunks.append(chunk)
     return EvalOutputs.concat(chunks) if chunks else EvalOutputs()
+
+
+def _scored_maps(seg_logit: torch.Tensor, batch: dict) -> tuple[list, list]:
+    """(uint8 probability maps, ground-truth masks) to score pixel metrics on. A batch with
+    `score_masks` (full-resolution masks of any size, `inference.split_batches`) gets each map
+    upsampled to its own mask: shrinking a mask to the training size breaks thin cracks.
+    Otherwise (the per-epoch Ray validation) both stay at the training size."""
+    if "score_masks" not in batch:
+        seg = seg_probabilities(seg_logit, batch["mask"].shape[-2:])
+        return list(to_uint8_maps(seg)), list(batch["mask"].cpu().numpy().astype(np.uint8))
+    masks = list(batch["score_masks"])
+    maps = [to_uint8_maps(seg_probabilities(seg_logit[i : i + 1], mask.shape))[0]
+            for i, mask in enumerate(masks)]
+    return maps, masks
 
 
 def gather(outputs: EvalOutputs) -> EvalOutputs:

@@ -12,6 +12,14 @@ SCORE_KEYS = (OBJECTIVE_KEY, "val/ap", "val/f1_best", "val/f1", "val/recall", "v
               "val/auroc")
 
 
+def objective_name(cfg: RunConfig, segments: bool) -> str:
+    """What val/objective is, in a few words: `ap`, `segdec_f1`, `mean(ap, pixel_f1)`."""
+    if not segments or cfg.train.best_model == "dec":
+        return cfg.train.objective
+    pixel = "pixel_f1" if cfg.train.pixel_protocol == "symmetric" else "segdec_f1"
+    return pixel if cfg.train.best_model == "seg" else f"mean({cfg.train.objective}, {pixel})"
+
+
 def objective(cfg: RunConfig, metrics: dict, segments: bool) -> float:
     """`val/objective` of one epoch from its validation metrics (NaN when undefined, e.g. a
     split with one class: such an epoch never counts as an improvement)."""

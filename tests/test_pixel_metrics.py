@@ -1,10 +1,27 @@
-"""Pixel metrics with a distance tolerance, on hand-made masks."""
+"""Pixel metrics with a distance tolerance, on hand-made masks, and scored at the masks' own
+resolution by the in-process evaluation."""
+
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from conftest import REPO
+from PIL import Image
 from scipy import ndimage
 
+from crackray.config import load_experiment
+from crackray.data.images import decode_mask
+from crackray.data.prepare import prepare_cfd
+from crackray.data.shards import read_split_table
+from crackray.data.splits import TEST
+from crackray.data.transforms import to_model_input
+from crackray.evaluation import pixel_split_metrics
+from crackray.inference import predict_split
 from crackray.metrics import pixel_counts, pixel_metrics, sweep_pixel_threshold
+from crackray.models import create_model
+
+SEGDEC_SPACE = REPO / "search_spaces" / "segdec_crack.yaml"
 
 
 def _line(row, shape=(20, 20), cols=slice(3, 17)):
@@ -265,3 +282,81 @@ def test_split_metrics_report_both_protocols_with_validation_thresholds():
     _, symmetric_only = pixel_split_metrics(test, "test", threshold)
     assert not any("segdec" in key for key in symmetric_only)
     assert symmetric_only == {k: v for k, v in test_metrics.items() if "segdec" not in k}
+
+
+# ------------------------------------------------------------ scoring at the masks' resolution
+
+THIN_SIZE, TRAIN_SIZE = 64, 16
+THIN_COLUMN = 1  # a nearest-neighbour 64 -> 16 shrink samples columns 2, 6, 10, ...: not this one
+
+
+def thin_crack_dataset(root: Path, photos: int = 14) -> Path:
+    """A prepared CrackForest-layout dataset of 64 px photos; two in three hold a 1-px vertical
+    crack that a nearest-neighbour shrink to 16 px loses entirely, the rest are crack-free."""
+    src, rng = root / "src", np.random.default_rng(0)
+    for folder in ("images", "masks"):
+        (src / folder).mkdir(parents=True)
+    for i in range(photos):
+        rgb = rng.integers(0, 256, (THIN_SIZE, THIN_SIZE, 3), dtype=np.uint8)
+        Image.fromarray(rgb).save(src / "images" / f"{i:03d}.jpg")
+        mask = np.zeros((THIN_SIZE, THIN_SIZE), np.uint8)
+        mask[:, THIN_COLUMN] = 255 if i % 3 else 0
+        Image.fromarray(mask).save(src / "masks" / f"{i:03d}.png")
+    prepare_cfd(src, root / "data")
+    return root / "data"
+
+
+def thin_crack_config(data: Path, **overrides):
+    return load_experiment(SEGDEC_SPACE, {"data.path": str(data), "data.image_size": TRAIN_SIZE,
+                                          "model.name": "segdec_tiny", **overrides}).base
+
+
+def test_pixel_metrics_are_scored_at_the_masks_own_resolution(tmp_path):
+    data = thin_crack_dataset(tmp_path)
+    stored = read_split_table(data, TEST, ["mask"]).column("mask").to_pylist()
+    assert stored and all(decode_mask(m, TRAIN_SIZE).sum() == 0 for m in stored)  # the premise
+
+    torch.manual_seed(0)
+    cfg = thin_crack_config(data)
+    model = create_model("segdec_tiny", image_size=TRAIN_SIZE)
+    test = predict_split(model, cfg, TEST)
+    assert len(test.masks) == len(stored)
+    for mask, seg, data_png in zip(test.masks, test.seg_probs, stored, strict=True):
+        assert mask.shape == seg.shape == (THIN_SIZE, THIN_SIZE)  # the map is upsampled
+        np.testing.assert_array_equal(mask, decode_mask(data_png))  # the crack survives
+    cracked = np.array([m.any() for m in test.masks])
+    assert cracked.any() and all(m[:, THIN_COLUMN].all() and m.sum() == THIN_SIZE
+                                 for m in np.array(test.masks)[cracked])
+
+    # Both protocols on the full-resolution pairs equal the definitions computed here. Below
+    # the lowest probability every pixel is crack: on a cracked image SegDec recall 1 and
+    # precision = the share of the crack's cross-dilated band (columns 0-3) in the image; a
+    # crack-free image counts 0 in the means.
+    threshold = (min(int(s.min()) for s in test.seg_probs) - 0.5) / 255
+    _, metrics = pixel_split_metrics(test, "test", threshold, segdec_threshold=threshold)
+    preds = [s.astype(np.float32) / 255 for s in test.seg_probs]
+    gts = [m.astype(bool) for m in test.masks]
+    expected = _reference_segdec(preds, gts, threshold)
+    assert [metrics[f"test/segdec_{k}"] for k in ("precision", "recall", "f1")] == \
+        pytest.approx(expected, abs=1e-9)
+    assert metrics["test/segdec_recall"] == pytest.approx(cracked.mean())
+    assert metrics["test/segdec_precision"] == pytest.approx(cracked.mean() * 4 / THIN_SIZE)
+    assert metrics["test/pixel_f1"] == pytest.approx(
+        pixel_metrics(preds, gts, threshold)["f1"], abs=1e-12)
+
+
+def test_in_process_batches_decode_as_the_ray_pipeline_does(tmp_path):
+    from crackray.data.pipeline import prepare_batch
+    from crackray.inference import split_batches
+
+    cfg = thin_crack_config(thin_crack_dataset(tmp_path))
+    columns = ["image", "label", "surface", "path", "sha256", "mask", "has_mask"]
+    table = read_split_table(cfg.data.path, "train", columns)
+    rows = {name: table.column(name).to_numpy(zero_copy_only=False) for name in columns}
+    expected = prepare_batch(rows, image_size=TRAIN_SIZE, augment_strength=0.0, with_masks=True)
+    [batch] = split_batches(cfg, "train", len(table), torch.device("cpu"), with_masks=True)
+    np.testing.assert_array_equal(batch["mask"].numpy(), expected["mask"])
+    np.testing.assert_array_equal(batch["has_mask"].numpy(), expected["has_mask"])
+    np.testing.assert_array_equal(batch["label"].numpy(), expected["label"])
+    assert batch["path"].tolist() == expected["path"].tolist()
+    torch.testing.assert_close(batch["image"], to_model_input(expected["image"], None))

@@ -29,7 +29,8 @@ PHOTOS = 40  # of CrackForest's 118: 240 tiles keep two epochs under a minute
 
 DECISION_KEYS = ("f1", "precision", "recall", "accuracy", "auroc", "threshold",
                  "tp", "fp", "fn", "tn")
-PIXEL_KEYS = ("pixel_f1", "pixel_precision", "pixel_recall", "pixel_dice", "pixel_iou")
+PIXEL_KEYS = ("pixel_f1", "pixel_precision", "pixel_recall", "pixel_dice", "pixel_iou",
+              "segdec_f1", "segdec_precision", "segdec_recall", "segdec_threshold")
 
 
 # ------------------------------------------------------------------------- frequency sampling
@@ -138,15 +139,24 @@ def test_two_workers_log_decision_and_pixel_metrics(ray_session, cfd_tiles, tmp_
     assert "checkpoints/best_model.pt" in _artifacts(tracker, run.info.run_id, "checkpoints")
     assert len(result.history) == 2
 
-    # The report carries the results page's 2-pixel-distance table: the same test pixel F1
-    # as the run logged, and the seg / decision loss curves.
+    # Both pixel protocols on test, each at the threshold swept on validation.
+    for protocol in ("pixel", "segdec"):
+        assert 0 <= metrics[f"test/{protocol}_f1"] <= 1
+        assert 0 < metrics[f"test/{protocol}_threshold"] < 1
+        assert math.isfinite(metrics[f"val/{protocol}_f1"])
+
+    # The report carries the results page's 2-pixel-distance table (the SegDec protocol): the
+    # same test numbers as the run logged, and the seg / decision loss curves.
     from crackray.report import build_report
 
-    page = build_report(run.info.run_id, tmp_path / "report",
-                        tracking_uri=tracker.uri).read_text()
-    pixel_table = page.split("## 2 pixel distance")[1].split("##")[0]
-    test_row = next(line for line in pixel_table.splitlines() if line.startswith("| test |"))
-    assert float(test_row.split("|")[4]) == pytest.approx(metrics["test/pixel_f1"], abs=1e-3)
+    out = tmp_path / "report"
+    page = build_report(run.info.run_id, out, tracking_uri=tracker.uri).read_text()
+    pixel_table = page.split("### 2 pixel distance")[1].split("#")[0]
+    row = [line for line in pixel_table.splitlines() if line.startswith("|")][-1]
+    assert [float(v) for v in row.split("|")[1:-1]] == pytest.approx(
+        [metrics[f"test/segdec_{k}"] for k in ("precision", "recall", "f1", "threshold")],
+        abs=1e-5)
+    assert (out / "loss_seg.png").exists() and (out / "loss_dec.png").exists()
 
 
 @pytest.mark.slow

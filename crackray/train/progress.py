@@ -13,6 +13,8 @@ from ray.util.queue import Queue
 
 from crackray.config import RunConfig
 from crackray.console import EpochClock, epoch_line
+from crackray.models import model_segments
+from crackray.scores import objective_name
 
 _DONE = "done"
 
@@ -29,7 +31,8 @@ class EpochPrinter:
     """Context manager: while open, prints one line per reported epoch."""
 
     def __init__(self, cfg: RunConfig, echo=print):
-        self.objective, self.echo = cfg.train.objective, echo
+        self.objective = objective_name(cfg, model_segments(cfg.model.name))
+        self.echo = echo
         self.queue = Queue(actor_options={"num_cpus": 0})
         self.callback = ReportFeed(self.queue)
         self._thread = threading.Thread(target=self._print, daemon=True)

@@ -13,6 +13,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from crackray.config import ExperimentFile, TuneConfig
 from crackray.errors import ConfigError
+from crackray.models import model_segments
 from crackray.runs import (
     absolute_storage,
     check_resumable,
@@ -21,6 +22,7 @@ from crackray.runs import (
     run_params,
 )
 from crackray.runtime import ensure_ray
+from crackray.scores import objective_name
 from crackray.tracking import Tracker
 from crackray.tune.progress import TrialPrinter
 from crackray.tune.resources import plan_resources, trial_base
@@ -112,7 +114,7 @@ def run_tuning(
                 failure_config=tune.FailureConfig(max_failures=tcfg.max_failures),
                 # Tune's result tables only with --verbose: TrialPrinter tells the story.
                 verbose=1 if verbose else 0,
-                callbacks=[TrialPrinter(base.train.objective)],
+                callbacks=[TrialPrinter(objective_name(base, model_segments(base.model.name)))],
             ),
         )
     results = tuner.fit()
