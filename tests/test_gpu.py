@@ -57,3 +57,22 @@ def test_one_epoch_training_on_gpu(cli, tmp_path):
     assert run.info.status == "FINISHED"
     assert run.data.params["train.use_gpu"] == "True"
     assert 0.0 <= run.data.metrics["val/f1"] <= 1.0
+
+
+@pytest.mark.slow
+def test_gpu_bench_compares_pipeline_fed_with_synthetic(cli, tmp_path):
+    import json
+
+    from crackray.data.prepare import prepare_synthetic
+
+    prepare_synthetic(tmp_path / "syn", n=120, seed=2)
+    result = cli("bench", "gpu", "--data", tmp_path / "syn", "--model", "test_tiny",
+                 "--image-size", "32", "--batch-size", "16", "--epochs", "2", "--steps", "5",
+                 "--json", timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["model_only_images_per_s"] > 0 and out["pipeline_fed_images_per_s"] > 0
+    assert out["fed_over_model_only"] == pytest.approx(
+        out["pipeline_fed_images_per_s"] / out["model_only_images_per_s"], rel=0.01)
+    assert out["gpu_decode_images_per_s"] > 0
+    assert out["decode_limit_images_per_s"] > 0

@@ -21,7 +21,7 @@ MAX_PIXELS = 40_000_000
 STORED_FORMATS = ("JPEG", "PNG")
 
 
-def _open_checked(data: bytes, max_pixels: int | None) -> Image.Image:
+def open_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
     """Open (header only) and refuse images above the pixel limit."""
     limit = MAX_PIXELS if max_pixels is None else max_pixels
     try:
@@ -38,6 +38,10 @@ def _open_checked(data: bytes, max_pixels: int | None) -> Image.Image:
     return image
 
 
+# The name deploy/tiling.py imports; open_image is the public one.
+_open_checked = open_image
+
+
 def binarize(mask: np.ndarray) -> np.ndarray:
     """0/1 uint8 from a stored mask: 0/255 (threshold at half) or already 0/1."""
     threshold = 127 if mask.max(initial=0) > 1 else 0
@@ -46,19 +50,25 @@ def binarize(mask: np.ndarray) -> np.ndarray:
 
 def decode_rgb(data: bytes, size: int | None = None, max_pixels: int | None = None) -> np.ndarray:
     """uint8 HxWx3; resized to size x size (bilinear) when `size` is given."""
-    with _open_checked(data, max_pixels) as image:
-        if size is not None and image.format == "JPEG":
-            # Lets libjpeg decode at 1/2, 1/4 or 1/8 scale: full photos shrink far faster.
-            image.draft("RGB", (size, size))
-        rgb = image.convert("RGB")
+    with open_image(data, max_pixels) as image:
+        return np.asarray(resized_rgb(image, size), dtype=np.uint8)
+
+
+def resized_rgb(image: Image.Image, size: int | None) -> Image.Image:
+    """An opened image as RGB, resized to size x size (bilinear) when `size` is given."""
+    if size is not None and image.format == "JPEG":
+        # Lets libjpeg decode at 1/2, 1/4 or 1/8 scale: full photos shrink far faster. (A 256 px
+        # tile at 224 px gains nothing: only whole fractions exist, so it decodes at full size.)
+        image.draft("RGB", (size, size))
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
     if size is not None and rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(rgb, dtype=np.uint8)
+    return rgb
 
 
 def decode_mask(data: bytes, size: int | None = None, max_pixels: int | None = None) -> np.ndarray:
     """uint8 HxW of 0/1; nearest-neighbour resize so the mask stays binary."""
-    with _open_checked(data, max_pixels) as image:
+    with open_image(data, max_pixels) as image:
         grey = image.convert("L")
     if size is not None and grey.size != (size, size):
         grey = grey.resize((size, size), Image.Resampling.NEAREST)
@@ -94,7 +104,7 @@ def sniff_bytes(data: bytes, formats: tuple[str, ...] = STORED_FORMATS) -> str |
                 return f"unsupported format {image.format} (expected {' or '.join(formats)})"
             image.verify()  # structural checks (PNG CRCs); cheap, but misses truncated JPEGs
         # verify() leaves the image unusable, so reopen for a real decode of every pixel.
-        with _open_checked(data, None) as image:
+        with open_image(data, None) as image:
             image.load()
     except DataError as exc:
         return str(exc)

@@ -1,0 +1,162 @@
+"""What the benchmarks share: run configs, the per-process ceilings, Ray start-up, alternating
+rounds and the summary of a side-by-side comparison."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from crackray.config import RunConfig
+from crackray.data import transforms
+from crackray.data.images import open_image, resized_rgb
+from crackray.data.shards import read_split_table, verify_dataset
+
+CROSS = "crackray"
+PLAIN = "baseline"
+QUICKSTART = Path(__file__).resolve().parents[2] / "search_spaces" / "quickstart.yaml"
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def bench_config(data: str | Path, *, image_size: int, batch_size: int, model: str = "simple_cnn",
+                 epochs: int = 1, cpus_per_worker: float = 1.0,
+                 threads_per_worker: int | None = None) -> RunConfig:
+    """A run config for benchmarking the shards at `data` (checked against their manifest)."""
+    path = Path(data).expanduser().resolve()
+    verify_dataset(path)
+    return RunConfig.model_validate({
+        "data": {"path": str(path), "image_size": image_size},
+        "model": {"name": model},
+        "train": {"epochs": epochs, "workers": 1, "batch_size": batch_size,
+                  "cpus_per_worker": cpus_per_worker, "threads_per_worker": threads_per_worker},
+    })
+
+
+def _decode_only(data: bytes, size: int) -> np.ndarray:
+    """The decode half of the training transform: a random-cropped tile where
+    `transforms.decode_training` crops (the window's position costs nothing), else the resize."""
+    with open_image(data) as image:
+        if transforms.crops(image.size, size):
+            tile = image.crop(transforms.crop_box(image.size, size, np.zeros(2)))
+        else:
+            tile = resized_rgb(image, size)
+        return np.asarray(tile if tile.mode == "RGB" else tile.convert("RGB"))
+
+
+def _per_second(work: Callable[[list], object], images: list, passes: int = 3) -> float:
+    """The best of `passes` timed passes: a ceiling is what the core can do when the shared
+    machine lets it, so the least disturbed pass is the estimate."""
+    work(images[:8])  # warm Pillow's codecs
+    best = 0.0
+    for _ in range(passes):
+        start = time.perf_counter()
+        work(images)
+        best = max(best, len(images) / (time.perf_counter() - start))
+    return best
+
+
+def ceilings(data: str | Path, image_size: int, augment: float, sample: int = 256) -> dict:
+    """One process's images/s of (a) decoding training tiles to `image_size` and (b) the whole
+    training transform the pipeline runs per batch (`pipeline.prepare_batch`: decode +
+    augmentation); times the cores, the ceilings of any ingest on this machine."""
+    from crackray.data.pipeline import DECODE_BATCH, prepare_batch
+
+    table = read_split_table(data, "train", ["image", "label", "surface", "path"]).slice(0, sample)
+    rows = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+    decode = _per_second(lambda part: [_decode_only(d, image_size) for d in part],
+                         list(rows["image"]))
+
+    def transform_batches(indices: list[int]) -> None:
+        for start in range(0, len(indices), DECODE_BATCH):  # as map_batches cuts them
+            part = indices[start:start + DECODE_BATCH]
+            prepare_batch({k: v[part] for k, v in rows.items()}, image_size=image_size,
+                          augment_strength=augment)
+
+    transform = _per_second(transform_batches, list(range(len(rows["image"]))))
+    n = cores()
+    return {"decode_images_per_s_one_process": round(decode, 1),
+            "decode_limit_images_per_s": round(decode * n, 1),
+            "transform_images_per_s_one_process": round(transform, 1),
+            "transform_limit_images_per_s": round(transform * n, 1)}
+
+
+def drain(batches: Iterable[dict]) -> int:
+    return sum(len(batch["label"]) for batch in batches)
+
+
+def start_ray() -> bool:
+    """Start Ray as crackray's commands do (`runtime.ensure_ray`: a local Ray of our own,
+    Train's settings) unless one is connected; True if we started it."""
+    import ray
+    import ray.data
+
+    from crackray.runtime import ensure_ray
+
+    if ray.is_initialized():
+        return False
+    ensure_ray()
+    # Progress bars redraw from the consuming process; a benchmark wants no terminal chatter.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return True
+
+
+def stop_ray(started: bool) -> None:
+    import ray
+
+    if started:
+        ray.shutdown()
+
+
+def alternating(rounds: int) -> Iterator[tuple[int, str]]:
+    """A B, B A, A B, ...: neither side always runs first (warm caches, drifting load)."""
+    for r in range(rounds):
+        for side in ((CROSS, PLAIN) if r % 2 == 0 else (PLAIN, CROSS)):
+            yield r, side
+
+
+def rate(rounds: list[dict], side: str) -> float:
+    """A side's images/s over all its rounds: total images over total seconds."""
+    mine = [r for r in rounds if r["side"] == side]
+    return sum(r["images"] for r in mine) / max(sum(r["seconds"] for r in mine), 1e-9)
+
+
+def steady(history: list[dict]) -> list[dict]:
+    """Epochs after the first (which pays worker start-up and imports), if there are any."""
+    return history[1:] if len(history) > 1 else history
+
+
+def summary(benchmark: str, rounds: list[dict], settings: dict, peak_mib: dict[str, float],
+            **extra) -> dict:
+    cross, plain = rate(rounds, CROSS), rate(rounds, PLAIN)
+    return {
+        "benchmark": benchmark,
+        "crackray_images_per_s": round(cross, 2),
+        "baseline_images_per_s": round(plain, 2),
+        "ratio": round(cross / plain, 3) if plain > 0 else math.nan,
+        "crackray_peak_pss_mib": round(peak_mib[CROSS], 1),
+        "baseline_peak_pss_mib": round(peak_mib[PLAIN], 1),
+        **extra,
+        "settings": {**settings, "cores": cores(), "loadavg_1m": round(os.getloadavg()[0], 2)},
+        "rounds": rounds,
+    }
+
+
+def training_parts(cfg: RunConfig, device: torch.device):
+    """Model, objective and optimizer, identical (same seed) on both sides."""
+    from crackray.engine import Objective
+    from crackray.models import create_model
+    from crackray.optim import build_optimizer
+
+    torch.manual_seed(cfg.train.seed)
+    model = create_model(cfg.model.name, pretrained=False, dropout=cfg.model.dropout,
+                         image_size=cfg.data.image_size).to(device)
+    objective = Objective(cfg, 1.0, segmentation=False)
+    return model, objective, build_optimizer(model, cfg.optim)
