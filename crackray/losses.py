@@ -12,19 +12,29 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
-from crackray.config import LossConfig
+from crackray.config import LossConfig, RunConfig
+from crackray.data.composition import epoch_composition
 
 # 8-connectivity: a diagonal crack is one region, not a chain of single pixels.
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
-def resolve_pos_weight(loss_cfg: LossConfig, n_pos: int, n_neg: int) -> float:
-    """The crack-class weight for `loss_cfg.class_weighting`, from the training split's counts."""
-    if loss_cfg.class_weighting == "none":
+def resolve_pos_weight(cfg: RunConfig, n_pos: int, n_neg: int) -> float:
+    """The crack-class weight for `cfg.loss.class_weighting`, given the training split's crack
+    (`n_pos`) and crack-free (`n_neg`) counts.
+
+    inverse_frequency weighs by the imbalance left in the epoch the workers train on, after
+    balanced sampling's repeats, frequency sampling's draws and `use_negatives: false`: the
+    split's own ratio on top of a balanced epoch would correct it twice. An epoch of one class
+    has nothing to balance: 1.0 (0 would silence the crack loss)."""
+    if cfg.loss.class_weighting == "none":
         return 1.0
-    if loss_cfg.class_weighting == "inverse_frequency":
-        return n_neg / max(n_pos, 1)
-    return float(loss_cfg.pos_weight)
+    if cfg.loss.class_weighting == "explicit":
+        return float(cfg.loss.pos_weight)
+    epoch = epoch_composition(cfg, n_pos, n_neg)
+    if epoch.positives == 0 or epoch.negatives == 0:
+        return 1.0
+    return epoch.negatives / epoch.positives
 
 
 def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:

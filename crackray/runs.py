@@ -11,9 +11,9 @@ from crackray import checkpoints
 from crackray.config import RunConfig, flatten
 from crackray.data.prepare import prepare_synthetic
 from crackray.data.shards import verify_dataset
-from crackray.data.splits import TRAIN
+from crackray.data.splits import SPLITS, TEST, TRAIN, VAL
 from crackray.errors import ConfigError
-from crackray.tracking import git_commit, versions
+from crackray.tracking import Tracker, git_commit, versions
 
 
 def resolve_data(cfg: RunConfig) -> tuple[RunConfig, dict]:
@@ -69,6 +69,25 @@ def run_params(cfg: RunConfig, manifest: dict) -> dict:
         "git_commit": git_commit(),
         **versions(),
     }
+
+
+# MLflow's dataset contexts (`mlflow.data.context`) of crackray's splits.
+_DATA_CONTEXTS = {TRAIN: "training", VAL: "validation", TEST: "test"}
+
+
+def log_run_lineage(tracker: Tracker, run_id: str, manifest: dict, data_path: str, *,
+                    parent_run_id: str | None = None) -> None:
+    """What the MLflow UI shows of a run's origin: one dataset input per non-empty split
+    (digest: the manifest's; profile: the split's counts per class and surface) and the
+    source tags (a trial inherits its tuning job's)."""
+    tracker.log_datasets(run_id, [
+        {"name": f"{manifest['dataset']}/{split}", "digest": manifest["digest"],
+         "source": data_path, "context": _DATA_CONTEXTS[split],
+         "profile": {"split": split, **manifest["totals"][split],
+                     "surfaces": manifest["counts"][split], "manifest_digest": manifest["digest"]}}
+        for split in SPLITS if manifest["totals"][split]["samples"]
+    ])
+    tracker.set_tags(run_id, tracker.source_tags(parent_run_id))
 
 
 def fetch_best_model(checkpoint) -> Path:

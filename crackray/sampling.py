@@ -6,43 +6,52 @@ often, while an epoch stays short when negatives far outnumber positives. With n
 negatives than positives, every negative is drawn every epoch.
 
 Ray-Data compatible by construction: the selection is a pure function of (negative ids, seed,
-epoch), so every Train worker computes the same set without any message, and a restart from a
-checkpoint replays the same draws. The rows still stream through Ray Data's decode step; the
-workers drop the unselected negatives after it (`pipeline.iterate_batches(keep=...)`).
+epoch), so a restart from a checkpoint replays the same draws. The driver draws every epoch's
+negatives up front and each epoch's Dataset keeps only those, before the shuffle and decoding
+(`pipeline.training_datasets`). No Ray here: this module holds what an epoch contains.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.distributed as dist
 
 from crackray.config import RunConfig
-from crackray.data.pipeline import TRAIN, positive_repeats
+from crackray.data.composition import positive_repeats
 from crackray.data.shards import read_split_table
+from crackray.data.splits import TRAIN
 
 
 class FrequencySampler:
     """The negatives of one epoch: the `per_epoch` least-used, ties broken at random."""
 
     def __init__(self, negatives: list[str], per_epoch: int, seed: int = 0):
-        self.negatives = sorted(negatives)  # sorted: the same order on every worker
+        self.negatives = sorted(negatives)  # sorted: draws must not depend on input order
         self.per_epoch = min(per_epoch, len(self.negatives))
         self.seed = seed
 
     def counts_before(self, epoch: int) -> np.ndarray:
         """How often each negative was drawn in epochs 0..epoch-1."""
         counts = np.zeros(len(self.negatives), dtype=np.int64)
-        for past in range(epoch):
-            counts[self._draw(past, counts)] += 1
+        for chosen in self._draws(epoch):
+            counts[chosen] += 1
         return counts
 
     def selection(self, epoch: int) -> set[str]:
-        chosen = self._draw(epoch, self.counts_before(epoch))
-        return {self.negatives[i] for i in chosen}
+        return set(self.selections(epoch + 1)[epoch])
+
+    def selections(self, epochs: int) -> list[frozenset[str]]:
+        """The negatives of epochs 0..epochs-1, in one pass over the epochs."""
+        return [frozenset(self.negatives[i] for i in chosen) for chosen in self._draws(epochs)]
+
+    def _draws(self, epochs: int):
+        counts = np.zeros(len(self.negatives), dtype=np.int64)
+        for epoch in range(epochs):
+            chosen = self._draw(epoch, counts)
+            counts[chosen] += 1
+            yield chosen
 
     def _draw(self, epoch: int, counts: np.ndarray) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, epoch])
+        rng = np.random.default_rng([self.seed & (2**64 - 1), epoch])  # any int seed
         tie_break = rng.random(len(counts))
         order = np.lexsort((tie_break, counts))  # least used first, random among equals
         return order[: self.per_epoch]
@@ -58,33 +67,3 @@ def frequency_sampler(cfg: RunConfig) -> FrequencySampler | None:
     n_pos, n_neg = int((labels == 1).sum()), int((labels == 0).sum())
     per_epoch = n_pos * positive_repeats(cfg, n_pos, n_neg)
     return FrequencySampler(paths[labels == 0].tolist(), per_epoch, cfg.train.seed)
-
-
-def keep_rows(selected: set[str]):
-    """A row filter for `iterate_batches`: positives always, negatives only if selected."""
-
-    def keep(batch: dict) -> np.ndarray:
-        chosen = np.fromiter((path in selected for path in batch["path"]), bool, len(batch["path"]))
-        return (batch["label"] != 0) | chosen
-
-    return keep
-
-
-def lockstep(batches, device):
-    """Stop every worker as soon as one has no batch left. DDP needs the same number of steps
-    on every worker, and dropping unselected negatives after Ray Data's equal split can leave
-    the shards a batch or two apart. The remainder is drained, not abandoned, so that Ray
-    Data's split coordinator sees every shard finish its epoch."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        yield from batches
-        return
-    iterator = iter(batches)
-    while True:
-        batch = next(iterator, None)
-        have = torch.tensor([int(batch is not None)], device=device)
-        dist.all_reduce(have, op=dist.ReduceOp.MIN)
-        if not have.item():
-            break
-        yield batch
-    for _ in iterator:
-        pass

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from crackray.config import LossConfig
+from crackray.config import LossConfig, RunConfig
 from crackray.losses import (
     SegDecLoss,
     build_classification_loss,
@@ -66,11 +66,13 @@ def test_bad_reduction_is_refused():
 
 
 def test_resolve_pos_weight_modes():
-    assert resolve_pos_weight(LossConfig(class_weighting="none"), 10, 90) == 1.0
-    assert resolve_pos_weight(LossConfig(class_weighting="inverse_frequency"), 10, 90) == 9.0
-    assert resolve_pos_weight(LossConfig(class_weighting="inverse_frequency"), 0, 5) == 5.0
-    cfg = LossConfig(class_weighting="explicit", pos_weight=2.5)
-    assert resolve_pos_weight(cfg, 10, 90) == 2.5
+    def cfg(**loss):
+        return RunConfig.model_validate({"loss": loss})
+
+    assert resolve_pos_weight(cfg(class_weighting="none"), 10, 90) == 1.0
+    assert resolve_pos_weight(cfg(class_weighting="inverse_frequency"), 10, 90) == 9.0
+    assert resolve_pos_weight(cfg(class_weighting="inverse_frequency"), 0, 5) == 1.0
+    assert resolve_pos_weight(cfg(class_weighting="explicit", pos_weight=2.5), 10, 90) == 2.5
 
 
 def test_dynamic_balance_weights():

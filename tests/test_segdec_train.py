@@ -12,15 +12,14 @@ import shutil
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 from conftest import CFD, REPO, require
 
 from crackray.config import load_experiment
-from crackray.data.pipeline import _filtered, epoch_rows
+from crackray.data.composition import epoch_rows
 from crackray.data.shards import read_manifest
 from crackray.runs import warn_one_class_splits
-from crackray.sampling import FrequencySampler, keep_rows
+from crackray.sampling import FrequencySampler
 from crackray.tracking import Tracker
 from crackray.train.driver import run_training
 
@@ -50,15 +49,6 @@ def test_frequency_sampler_uses_every_negative_equally_often():
 def test_frequency_sampler_with_few_negatives_takes_them_all():
     sampler = FrequencySampler(["a", "b", "c"], per_epoch=50)
     assert sampler.selection(0) == sampler.selection(4) == {"a", "b", "c"}
-
-
-def test_keep_rows_then_rebatch_keeps_positives_and_selected_negatives():
-    batches = [
-        {"label": np.array([1, 0, 0, 1], np.float32), "path": np.array(["p1", "a", "b", "p2"])},
-        {"label": np.array([0, 0, 1], np.float32), "path": np.array(["c", "a2", "p3"])},
-    ]
-    out = list(_filtered(iter(batches), keep_rows({"a", "c"}), batch_size=3))
-    assert [b["path"].tolist() for b in out] == [["p1", "a", "p2"], ["c", "p3"]]
 
 
 def test_epoch_rows_with_frequency_sampling_draws_as_many_negatives_as_positives():

@@ -1,22 +1,26 @@
-"""`crackray select`: candidates from a real (tiny) tuning job, threshold calibration on
-validation, one test pass, a logged + registered model behind an alias, and the errors."""
+"""`crackray select`: candidates from a real (tiny) tuning job or one training run, threshold
+calibration on validation, one test pass with photo-grouped bootstrap intervals, a logged +
+registered model behind an alias, and the errors (unfinished jobs refused)."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from crackray import select as select_mod
+from crackray.deploy import select as select_mod
+from crackray.deploy.intervals import METRICS, photo_bootstrap
 from crackray.deploy.select import Candidate, Criterion, run_selection
 from crackray.engine import EvalOutputs
 from crackray.errors import CrackrayError
-from crackray.metrics import classification_metrics
+from crackray.metrics import best_f1_threshold, classification_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_TUNE = ["--set", "tune.num_samples=2", "--set", "base.train.epochs=1",
@@ -79,16 +83,96 @@ def test_ranking_breaks_ties_by_f1_then_auroc():
     assert [c.name for c in ranked] == ["c", "b", "a", "e", "d"]
 
 
-def test_no_finished_trials(tmp_path):
+def test_criterion_by_f1_takes_the_validation_best_f1_threshold():
+    rng = np.random.default_rng(5)
+    targets = rng.integers(0, 2, 200)
+    val = _outputs(np.clip(0.35 * targets + 0.65 * rng.random(200), 0, 1), targets)
+    threshold, best = Criterion(0.0, by="f1").calibrate(val)
+    assert threshold == pytest.approx(best_f1_threshold(val.probs, val.targets))
+    assert best == pytest.approx(classification_metrics(val.probs, val.targets, threshold)["f1"])
+    # With a floor: the best F1 among thresholds whose precision reaches it, by brute force.
+    floor = 0.8
+    feasible = [(classification_metrics(val.probs, val.targets, t)["f1"], t)
+                for t in np.unique(val.probs)
+                if classification_metrics(val.probs, val.targets, t)["precision"] >= floor]
+    threshold, best = Criterion(floor, by="f1").calibrate(val)
+    assert best == pytest.approx(max(feasible)[0], abs=1e-6)
+    assert classification_metrics(val.probs, val.targets, threshold)["precision"] >= floor
+
+
+def test_bootstrap_intervals_match_a_direct_photo_resampling():
+    rng = np.random.default_rng(3)
+    photos = np.repeat([f"photo-{i:02d}" for i in range(15)], rng.integers(1, 7, 15))
+    targets = rng.integers(0, 2, len(photos))
+    probs = np.clip(0.3 * targets + 0.7 * rng.random(len(photos)), 0, 1)
+    got = photo_bootstrap(probs, targets, photos, 0.5, resamples=400, seed=11)
+
+    # Directly: draw photo ids with replacement, keep every tile of each drawn photo, score the
+    # resample with torchmetrics; a metric with a zero denominator is left out.
+    draw, ids = np.random.default_rng(11), np.unique(photos)
+    values = {name: [] for name in METRICS}
+    for _ in range(400):
+        chosen = ids[draw.integers(0, len(ids), len(ids))]
+        rows = np.concatenate([np.flatnonzero(photos == photo) for photo in chosen])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m = classification_metrics(probs[rows], targets[rows], 0.5)
+        for name, denominator in (("precision", m["tp"] + m["fp"]),
+                                  ("recall", m["tp"] + m["fn"]),
+                                  ("f1", m["tp"] + m["fp"] + m["fn"])):
+            if denominator:
+                values[name].append(m[name])
+    for name in METRICS:
+        low, high = np.percentile(values[name], [2.5, 97.5])
+        assert got[name] == pytest.approx((low, high), abs=1e-6), name
+    # Grouping matters: resampling the same tiles one by one gives a narrower F1 interval.
+    tiles = photo_bootstrap(probs, targets, np.arange(len(photos)).astype(str), 0.5,
+                            resamples=400, seed=11)
+    assert tiles["f1"][1] - tiles["f1"][0] < got["f1"][1] - got["f1"][0]
+
+
+def test_a_test_precision_below_the_floor_is_warned_about():
+    assert select_mod._alerts({"test/precision": 0.61}, Criterion(0.7)) == [
+        "warning: test precision 0.6100 is below the floor 0.7 the threshold was calibrated "
+        "to on validation"]
+    assert select_mod._alerts({"test/precision": 0.71}, Criterion(0.7)) == []
+    assert select_mod._alerts({"test/precision": 0.2}, Criterion(0.0, by="f1")) == []
+
+
+def _job_with_a_pruned_trial(uri: str) -> str:
     from crackray.tracking import Tracker
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
     tracker = Tracker(uri)
     parent = tracker.find_or_create_run("exp", "tune/job", run_name="job", kind="tune")
     pruned = tracker.find_or_create_run("exp", "job/t1", run_name="t1", kind="trial",
                                         parent_run_id=parent)
     tracker.set_tags(pruned, {"crackray.trial_status": "pruned"})
     tracker.end_run(pruned, "KILLED")
+    return parent
+
+
+def test_unfinished_jobs_are_refused(tmp_path):
+    from crackray.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    parent = _job_with_a_pruned_trial(uri)
+    select = dict(tracking_uri=uri, experiment="exp", parent_run_id=None,
+                  criterion=Criterion(0.7), alias="champion", name="m")
+    with pytest.raises(CrackrayError, match=rf"^tuning job job \({parent}\) is still RUNNING: "):
+        run_selection(**select)
+    Tracker(uri).end_run(parent, "KILLED")
+    with pytest.raises(CrackrayError, match=r"ended KILLED: .*--allow-unfinished"):
+        run_selection(**select)
+    # Accepted, it selects from what the job finished: here nothing.
+    with pytest.raises(CrackrayError, match=r"has no finished trials \(t1: pruned\)"):
+        run_selection(**select, allow_unfinished=True)
+
+
+def test_no_finished_trials(tmp_path):
+    from crackray.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    Tracker(uri).end_run(_job_with_a_pruned_trial(uri), "FINISHED")
     with pytest.raises(CrackrayError, match=r"has no finished trials \(t1: pruned\)"):
         run_selection(tracking_uri=uri, experiment="exp", parent_run_id=None,
                       criterion=Criterion(0.7), alias="champion", name="m")
@@ -200,3 +284,48 @@ def test_select_cli_errors_exit_2(store, tmp_path, cli):
     assert done.returncode == 2 and "error: no MLflow run 'nope'" in done.stderr
     done = cli("select", "--tracking-uri", store)
     assert done.returncode == 2 and "--min-precision" in done.stderr
+
+
+@pytest.mark.slow
+def test_select_run_calibrates_one_training_run_by_f1(tmp_path, cli):
+    """`crackray train`, then `select --run RUN --by f1`: the registered model's threshold is
+    the validation-best-F1 threshold of the run's best checkpoint, recomputed here from the
+    registered weights; the test pass comes with photo-grouped bootstrap intervals."""
+    from crackray.deploy.predict import load_predictor
+    from crackray.inference import predict_split
+    from crackray.tracking import Tracker
+
+    done = cli("train", REPO / "search_spaces" / "quickstart.yaml", "--set", "train.epochs=1",
+               "--set", "data.synthetic_n=80", "--set", "data.image_size=32", timeout=1500)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = Tracker(store).latest_run_anywhere("train")
+    done = cli("select", "--run", run.info.run_id, "--by", "f1", "--alias", "champion",
+               "--name", "crackray-run")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "highest val F1" in done.stdout
+    assert "test 95 % intervals (photo bootstrap)" in done.stdout
+
+    predictor = load_predictor("models:/crackray-run@champion", tracking_uri=store)
+    val = predict_split(predictor.model, predictor.cfg, "val")
+    assert predictor.threshold == pytest.approx(best_f1_threshold(val.probs, val.targets))
+
+    tracker = Tracker(store)
+    version = tracker.client.get_model_version_by_alias("crackray-run", "champion")
+    assert version.tags["source_run_id"] == run.info.run_id
+    assert version.tags["source_model_id"] == tracker.best_model_id(run.info.run_id)
+    select_run = tracker.client.get_run(version.run_id)
+    assert select_run.data.tags["mlflow.parentRunId"] == run.info.run_id
+    metrics = select_run.data.metrics
+    test = predict_split(predictor.model, predictor.cfg, "test")
+    expected = classification_metrics(test.probs, test.targets, predictor.threshold)
+    assert metrics["test/tp"] == expected["tp"] and metrics["test/fp"] == expected["fp"]
+    bootstrap = json.loads((tracker.download(select_run.info.run_id, "test/bootstrap.json"))
+                           .read_text())
+    photos = select_mod.photo_ids_of(predictor.cfg.data.path, test)
+    again = photo_bootstrap(test.probs, test.targets, photos, predictor.threshold,
+                            resamples=select_mod.BOOTSTRAP_RESAMPLES)
+    for name in METRICS:
+        assert bootstrap["intervals"][name] == pytest.approx(list(again[name]), nan_ok=True)
+        assert metrics[f"test/{name}_ci95_low"] == pytest.approx(again[name][0], nan_ok=True)
+    assert bootstrap["photos"] == len(set(photos))

@@ -1,6 +1,8 @@
 """`crackray ui` in a real browser: headless Chromium (Debian's package) driven by selenium
-opens the MLflow UI over a store filled by a tiny tuning job, expands the job's parent run to
-its trial runs and opens a trial's confusion-matrix image."""
+opens the URL `crackray ui` prints over a store filled by a tiny tuning job: the Runs table in
+model-training mode, the job's parent run expanded to its trial runs with `val/*` metric
+columns on offer, a trial's page with its datasets and logged model, and a trial's
+confusion-matrix image. Screenshots go to /tmp/crackray-ui-*.png for a person to look at."""
 
 from __future__ import annotations
 
@@ -52,10 +54,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+SHOTS = Path("/tmp")
+
+
 @pytest.fixture()
 def ui_url(store_dir):
     """`crackray ui` on a free port, in its own session so the test stops exactly the server
-    and the workers it started."""
+    and the workers it started; yields (server address, the URL it printed)."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     log = (store_dir / "ui.log").open("w")
@@ -74,8 +79,9 @@ def ui_url(store_dir):
                     pytest.fail("crackray ui did not come up:\n"
                                 + (store_dir / "ui.log").read_text()[-3000:])
                 time.sleep(0.5)
-        assert f"http://127.0.0.1:{port}" in (store_dir / "ui.log").read_text()
-        yield url
+        printed = (store_dir / "ui.log").read_text().split()
+        shown = next(word for word in printed if word.startswith(f"{url}/"))
+        yield url, shown
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -108,17 +114,67 @@ def _click_text(driver, text: str, timeout: float = 60):
         ec.element_to_be_clickable((By.XPATH, f"//*[text()='{text}']"))).click()
 
 
-def test_ui_shows_trials_under_the_job_and_the_confusion_matrix(store_dir, ui_url, browser,
-                                                                 tmp_path):
+def _job(store_dir):
     from crackray.tracking import Tracker
 
     tracker = Tracker(f"sqlite:///{store_dir / 'mlflow.db'}")
     parent = tracker.latest_run_anywhere("tune")
     trials = tracker.child_runs(parent.info.run_id, kind="trial")
     assert len(trials) == 2
-    experiment = parent.info.experiment_id
+    return tracker, parent, trials
 
-    browser.get(f"{ui_url}/#/experiments/{experiment}/runs")
+
+def test_ui_url_opens_the_runs_table_of_every_trial_with_val_metrics(store_dir, ui_url,
+                                                                     browser):
+    _, parent, trials = _job(store_dir)
+    _, shown = ui_url
+    browser.get(shown)
+    # Model-training mode: the Runs table, not MLflow 3's GenAI overview (Traces, Token usage).
+    _wait_text(browser, "Runs")
+    _wait_text(browser, parent.info.run_name)
+    assert "workflowType=machine_learning" in browser.current_url
+    assert f"/experiments/{parent.info.experiment_id}/runs" in browser.current_url
+    browser.find_element(By.CSS_SELECTOR,
+                         "button[data-component-id*=runnamecellrenderer]").click()
+    for trial in trials:
+        _wait_text(browser, trial.info.run_name)
+    _click_text(browser, "Columns")
+    logged = sorted(k for k in trials[0].data.metrics if k.startswith("val/"))
+    assert {"val/objective", "val/f1", "val/ap"} <= set(logged)
+    for key in logged:  # every val/* metric is a column the table offers
+        _wait_text(browser, key)
+    browser.save_screenshot(str(SHOTS / "crackray-ui-runs-table.png"))
+
+
+def test_a_run_page_shows_its_datasets_and_logged_model(store_dir, ui_url, browser):
+    _, parent, trials = _job(store_dir)
+    url, _ = ui_url
+    trial = trials[0]
+    model_id = trial.data.tags["crackray.best_model_id"]
+    browser.get(f"{url}/#/experiments/{parent.info.experiment_id}/runs/{trial.info.run_id}"
+                "?workflowType=machine_learning")
+    dataset = next(i.dataset for i in trial.inputs.dataset_inputs
+                   if i.dataset.name.endswith("/train"))
+    # The dataset's name and digest (the label may be split over nested elements).
+    WebDriverWait(browser, 60).until(ec.presence_of_element_located(
+        (By.XPATH, f"//*[contains(., '{dataset.name}') and contains(., '{dataset.digest}')]")))
+    _wait_text(browser, "Training")  # the dataset's context
+    heading = WebDriverWait(browser, 60).until(ec.presence_of_element_located(
+        (By.XPATH, "//*[text()='Logged models (1)']")))
+    link = WebDriverWait(browser, 60).until(ec.presence_of_element_located(
+        (By.XPATH, f"//a[contains(@href, '/models/{model_id}')]")))
+    assert link.text == "best_model"
+    browser.execute_script("arguments[0].scrollIntoView()", heading)
+    browser.save_screenshot(str(SHOTS / "crackray-ui-run-page.png"))
+
+
+def test_ui_shows_trials_under_the_job_and_the_confusion_matrix(store_dir, ui_url, browser,
+                                                                 tmp_path):
+    tracker, parent, trials = _job(store_dir)
+    experiment = parent.info.experiment_id
+    ui_url, _ = ui_url
+
+    browser.get(f"{ui_url}/#/experiments/{experiment}/runs?workflowType=machine_learning")
     _wait_text(browser, parent.info.run_name)
     for trial in trials:  # collapsed under their parent until it is expanded
         assert not browser.find_elements(By.XPATH, f"//*[text()='{trial.info.run_name}']")

@@ -29,21 +29,22 @@ def bench_ingest(data: str | Path, *, batch_size: int = 32, image_size: int = 22
                  repeats: int = 3, limit: int | None = None) -> dict:
     """Alternating epochs, `repeats` per side, after one warm-up epoch each; then one untimed
     epoch per side for peak memory."""
-    from crackray.data.pipeline import TRAIN, build_dataset, iterate_batches
+    from crackray.data.epochs import training_epoch
+    from crackray.data.pipeline import TRAIN, iterate_batches
 
     cfg = bench_config(data, image_size=image_size, batch_size=batch_size)
     limits = ceilings(cfg.data.path, image_size, cfg.data.augment)
     workers = cores()
     started = start_ray()
     try:
-        dataset = build_dataset(cfg, TRAIN)
+        dataset = training_epoch(cfg, 0)  # what a worker trains on: shuffled, decoded
         if limit is not None:
             dataset = dataset.limit(limit)
         loader = plain_loader(ShardDataset(cfg.data.path, TRAIN, image_size, cfg.data.augment,
                                            limit), batch_size, workers)
         cpu = torch.device("cpu")
         sides = {
-            CROSS: (lambda: iterate_batches(dataset, batch_size, cpu, shuffle=True), ray_side),
+            CROSS: (lambda: iterate_batches(dataset, batch_size, cpu), ray_side),
             PLAIN: (lambda: plain_batches(loader, cpu), dataloader_workers),
         }
         for batches, _ in sides.values():  # warm-up epoch: worker processes start, imports load

@@ -54,7 +54,7 @@ def _ray_train_loop(config: dict) -> list[dict]:
     history = []
     for epoch in range(cfg.train.epochs):
         batches = iterate_batches(ray.train.get_dataset_shard(TRAIN), cfg.train.batch_size,
-                                  device, shuffle=True)
+                                  device)
         with GpuUtilisation(enabled=device.type == "cuda") as utilisation:
             stats = train_one_epoch(model, batches, objective, optimizer, epoch=epoch,
                                     epochs=cfg.train.epochs, grad_clip=cfg.train.grad_clip,
@@ -68,9 +68,10 @@ def ray_fit(cfg: RunConfig, limit: int | None, storage: str, use_gpu: bool = Fal
     import ray.train
     import ray.train.torch
 
-    from crackray.data.pipeline import TRAIN, ExactEvalDataConfig, build_dataset
+    from crackray.data.epochs import training_epoch
+    from crackray.data.pipeline import TRAIN, ExactEvalDataConfig
 
-    dataset = build_dataset(cfg, TRAIN)
+    dataset = training_epoch(cfg, 0)  # one worker: the whole shuffled epoch
     if limit is not None:
         dataset = dataset.limit(limit)
     resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}

@@ -259,5 +259,6 @@ def prepare_synthetic(
         "tile": None,
         "duplicates_dropped": 0,
         "label_conflicts": [],
+        "photos_in_several_splits": {},  # split by photo by construction
     }
     return shards.write_dataset(rows, out, extra)

@@ -16,8 +16,9 @@ import torch
 
 from crackray import checkpoints
 from crackray.config import RunConfig, save_resolved
-from crackray.data.pipeline import ExactEvalDataConfig, build_dataset, epoch_rows, positive_repeats
-from crackray.data.splits import TRAIN, VAL
+from crackray.data.composition import epoch_rows
+from crackray.data.pipeline import ExactEvalDataConfig, build_dataset
+from crackray.data.splits import VAL
 from crackray.errors import ConfigError
 from crackray.holdout import evaluate_on_test
 from crackray.losses import resolve_pos_weight
@@ -49,16 +50,14 @@ def build_trainer(
 ) -> ray.train.torch.TorchTrainer:
     """The TorchTrainer of one run: workers, datasets, checkpointing and failure policy."""
     n_pos, n_neg = train_counts(manifest)
-    repeats = positive_repeats(cfg, n_pos, n_neg)
     rows_per_worker = epoch_rows(cfg, n_pos, n_neg) // cfg.train.workers
     segments = model_segments(cfg.model.name)
-    datasets = {
-        TRAIN: build_dataset(cfg, TRAIN, with_masks=segments, positive_repeats=repeats),
-        VAL: build_dataset(cfg, VAL, with_masks=segments),
-    }
+    # Only validation goes through Ray Train's dataset split: each worker builds its own part
+    # of every training epoch (pipeline.training_epoch), reshuffled per epoch.
+    datasets = {VAL: build_dataset(cfg, VAL, with_masks=segments)}
     settings = WorkerSettings(
         run=cfg,
-        pos_weight=resolve_pos_weight(cfg.loss, n_pos, n_neg),
+        pos_weight=resolve_pos_weight(cfg, n_pos, n_neg),
         steps_per_epoch=max(1, math.ceil(rows_per_worker / cfg.train.batch_size)),
         run_folder=f"{storage_path}/{name}",
         tracking=tracking,

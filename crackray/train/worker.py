@@ -12,13 +12,13 @@ import torch
 
 from crackray import checkpoints
 from crackray.config import RunConfig
+from crackray.data.epochs import training_epoch
 from crackray.data.pipeline import iterate_batches
-from crackray.data.splits import TRAIN, VAL
+from crackray.data.splits import VAL
 from crackray.engine import Objective, broadcast_buffers, evaluate, gather, train_one_epoch
 from crackray.evaluation import pixel_split_metrics, ranking_metrics, split_metrics
 from crackray.models import create_model, model_segments
 from crackray.optim import Schedule, build_optimizer
-from crackray.sampling import frequency_sampler, keep_rows, lockstep
 from crackray.scores import OBJECTIVE_KEY, objective
 from crackray.train.epoch_log import EpochLogger
 from crackray.train.hooks import Hook, run_hooks
@@ -50,11 +50,10 @@ def train_fn_per_worker(config: dict) -> None:
     checkpointer = Checkpointer(cfg, settings.run_folder, rank, settings.tile)
     state, best_weights = checkpointer.restore(model, optimizer, schedule)
     logger = EpochLogger.on_rank_zero(rank, settings.tracking, cfg, segments, state.history)
-    sampler = frequency_sampler(cfg)  # None unless data.frequency_sampling
     steps = dict(epochs=epochs, bf16=cfg.train.bf16, device=device)
 
     for epoch in state.epochs_left(epochs):
-        train_stats = train_one_epoch(model, _train_batches(cfg, epoch, sampler, device),
+        train_stats = train_one_epoch(model, _train_batches(cfg, epoch, rank, segments, device),
                                       objective, optimizer, epoch=epoch, schedule=schedule,
                                       grad_clip=cfg.train.grad_clip,
                                       freeze_bn=cfg.model.freeze_bn, **steps)
@@ -111,16 +110,14 @@ def _training_parts(cfg: RunConfig, settings: WorkerSettings, device: torch.devi
     return model, objective, optimizer, schedule
 
 
-def _train_batches(cfg: RunConfig, epoch: int, sampler, device: torch.device):
-    batches = iterate_batches(
-        ray.train.get_dataset_shard(TRAIN),
-        cfg.train.batch_size,
-        device,
-        shuffle=True,
-        keep=keep_rows(sampler.selection(epoch)) if sampler else None,
-    )
-    # Frequency sampling drops rows per worker: stop all workers when the first runs out.
-    return lockstep(batches, device) if sampler else batches
+def _train_batches(cfg: RunConfig, epoch: int, rank: int, segments: bool,
+                   device: torch.device):
+    """This worker's equal share of the epoch, in the epoch's own uniform random order (a
+    function of train.seed and the epoch only, so a resumed run repeats it)."""
+    world_size = ray.train.get_context().get_world_size()
+    epoch_rows = training_epoch(cfg, epoch, rank=rank, world_size=world_size,
+                                with_masks=segments)
+    return iterate_batches(epoch_rows, cfg.train.batch_size, device)
 
 
 def _epoch_metrics(cfg: RunConfig, train_stats: dict, val, epoch: int, segments: bool) -> dict:

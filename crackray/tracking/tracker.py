@@ -1,26 +1,14 @@
-"""The only module that talks to MLflow.
-
-Design against the known traps:
-- one run per training / trial: runs are created by the driver (never by Train workers) and
-  found again by a `crackray.key` tag, so a restart or resume reuses its run instead of
-  making a second one;
-- parameters are logged once: already-logged keys are skipped, so a resumed run never hits
-  "changing param values is not allowed";
-- the tracking URI is made absolute before it reaches workers (a relative sqlite path would
-  create one `mlflow.db` per Ray worker directory), and experiments on a local store get an
-  absolute artifact location for the same reason;
-- a tracking server that drops out mid-run does not fail training: writes are buffered and
-  retried, with a warning, and flushed when it comes back.
-"""
+"""`Tracker`: a failure-tolerant `MlflowClient` bound to one tracking URI. This file holds
+its set-up (experiments, runs found again by key) and its buffered writes; `lineage.py`
+(datasets, source, logged models) and `registry.py` (reads, models, the registry) add the
+rest."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import re
 import shutil
-import subprocess
 import tempfile
 import time
 import warnings
@@ -28,13 +16,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from crackray.errors import CrackrayError
+from crackray.tracking.lineage import LineageMixin
+from crackray.tracking.registry import RegistryMixin
+from crackray.tracking.store import (
+    EXPERIMENT_KIND_TAG,
+    KEY_TAG,
+    KIND_TAG,
+    PARENT_TAG,
+    TRAINING_KIND,
+    TrackingError,
+    local_artifact_root,
+    redact,
+    rejected,
+    resolve_tracking_uri,
+    safe_params,
+    spool,
+)
 
-KEY_TAG = "crackray.key"
-KIND_TAG = "crackray.kind"
-PARENT_TAG = "mlflow.parentRunId"
-_SECRET_IN_URI = re.compile(r"(://[^/:@]+:)[^@/]+@")
-_SECRET_KEYS = re.compile(r"(password|token|secret|api_key|apikey)", re.IGNORECASE)
 # MLflow's HTTP client retries a dead server with exponential backoff for minutes (7 retries,
 # factor 2) before it raises, which would stall a training epoch: crackray buffers and
 # retries writes itself, so each request fails fast. Values a user sets in the environment win.
@@ -47,78 +45,7 @@ READ_PATIENCE_S = 600.0  # how long a worker's read waits for a tracking server 
 RETRY_EVERY_S = 10.0  # while writes are buffered, how often a new write retries the backlog
 
 
-class TrackingError(CrackrayError):
-    """The tracking store cannot be used (unreachable server, bad URI)."""
-
-
-def resolve_tracking_uri(uri: str | None = None) -> str:
-    """Explicit URI, else $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db; local paths
-    are made absolute so that every Ray worker writes to the same store."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-    if uri.startswith("sqlite:///"):
-        path = Path(uri.removeprefix("sqlite:///"))
-        return f"sqlite:///{path if path.is_absolute() else (Path.cwd() / path)}"
-    if "://" not in uri:
-        return Path(uri).resolve().as_uri()
-    return uri
-
-
-def redact(text: str) -> str:
-    """Hide the password of a URI such as http://user:secret@host."""
-    return _SECRET_IN_URI.sub(r"\1***@", text)
-
-
-def safe_params(params: dict[str, Any]) -> dict[str, str]:
-    """Params as MLflow strings, without secrets (passwords in URIs, token-like keys)."""
-    out = {}
-    for key, value in params.items():
-        if _SECRET_KEYS.search(key):
-            continue
-        out[key] = redact(str(value))[:6000]
-    return out
-
-
-def _rejected(exc: Exception) -> bool:
-    """True when the tracking server answered with an error (a permanent one, such as a
-    changed param value), False for an outage (refused connection, timeout, 5xx)."""
-    from mlflow.exceptions import MlflowException
-
-    return isinstance(exc, MlflowException) and exc.get_http_status_code() < 500
-
-
-def _local_artifact_root(uri: str) -> str | None:
-    if uri.startswith("sqlite:///"):
-        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-    return None
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for package in ("crackray", "torch", "torchvision", "ray", "mlflow", "optuna", "torchmetrics"):
-        try:
-            out[f"version.{package}"] = version(package)
-        except PackageNotFoundError:
-            out[f"version.{package}"] = "absent"
-    return out
-
-
-class Tracker:
+class Tracker(LineageMixin, RegistryMixin):
     """A thin, failure-tolerant wrapper around `MlflowClient` bound to one tracking URI."""
 
     def __init__(self, uri: str | None = None, *, buffer_on_error: bool = True):
@@ -136,6 +63,7 @@ class Tracker:
         self._pending: list[tuple[Callable, tuple, dict]] = []
         self._warned = False
         self._failed_at = -math.inf
+        self._best_models: dict[str, str] = {}  # run id -> its best checkpoint's logged model
 
     # -- set-up (driver side; errors here are fatal and clear) ---------------------------
 
@@ -148,10 +76,21 @@ class Tracker:
             ) from None
 
     def experiment_id(self, name: str) -> str:
+        """The experiment's id, created if absent; either way marked as a model-training
+        project, so the MLflow UI shows its runs rather than a GenAI dashboard (a kind the
+        user set is kept)."""
         experiment = self.client.get_experiment_by_name(name)
-        if experiment is not None:
-            return experiment.experiment_id
-        return self.client.create_experiment(name, artifact_location=_local_artifact_root(self.uri))
+        if experiment is None:
+            return self.client.create_experiment(
+                name,
+                artifact_location=local_artifact_root(self.uri),
+                tags={EXPERIMENT_KIND_TAG: TRAINING_KIND},
+            )
+        if EXPERIMENT_KIND_TAG not in experiment.tags:
+            self.client.set_experiment_tag(
+                experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND
+            )
+        return experiment.experiment_id
 
     def find_run(self, experiment: str, key: str):
         runs = self.client.search_runs(
@@ -219,7 +158,7 @@ class Tracker:
                 if raise_errors:
                     raise
                 self._failed_at = time.monotonic()
-                if _rejected(exc):
+                if rejected(exc):
                     # The server answered "no" (e.g. a bad value): retrying cannot help, and
                     # keeping the write would block every write queued behind it.
                     warnings.warn(f"MLflow rejected a tracking write, dropped: {exc}", stacklevel=2)
@@ -272,7 +211,7 @@ class Tracker:
             try:
                 return {m.step for m in self.client.get_metric_history(run_id, key)}
             except Exception as exc:  # noqa: BLE001 - outage: wait; a real answer: raise
-                if _rejected(exc) or time.monotonic() >= deadline:
+                if rejected(exc) or time.monotonic() >= deadline:
                     raise
                 warnings.warn(
                     f"MLflow at {redact(self.uri)} unreachable "
@@ -291,12 +230,9 @@ class Tracker:
                 self.client.log_artifact(run_id, str(path), artifact_path)
                 return
             except Exception as exc:  # noqa: BLE001 - buffered below; the rejection case too
-                if _rejected(exc):
+                if rejected(exc):
                     raise
-        # Buffered: the caller may delete `path` (a checkpoint in a temporary folder) before
-        # the server is back, so the queue keeps its own copy.
-        copy = Path(tempfile.mkdtemp(prefix="crackray-spool-")) / Path(path).name
-        shutil.copy2(path, copy)
+        copy = spool(path)
 
         def send() -> None:
             self.client.log_artifact(run_id, str(copy), artifact_path)
@@ -336,140 +272,3 @@ class Tracker:
         target = tempfile.mkdtemp(prefix="crackray-")
         return Path(self.client.download_artifacts(run_id, artifact_path, target))
 
-    # -- runs, models and the registry (select / predict / report / ui) ------------------
-
-    def get_run(self, run_id: str):
-        try:
-            return self.client.get_run(run_id)
-        except Exception:  # noqa: BLE001 - MlflowException for an unknown or malformed id
-            raise TrackingError(f"no MLflow run {run_id!r} in {redact(self.uri)}") from None
-
-    def latest_run_anywhere(self, kind: str, experiment: str | None = None):
-        """The most recent run of `kind` in `experiment` (by name), or in any experiment."""
-        if experiment is not None:
-            if self.client.get_experiment_by_name(experiment) is None:
-                raise TrackingError(
-                    f"no MLflow experiment named {experiment!r} in {redact(self.uri)}"
-                )
-            return self.latest_run(experiment, kind=kind)
-        ids = [e.experiment_id for e in self.client.search_experiments()]
-        return self._newest(ids, f"tags.`{KIND_TAG}` = '{kind}'") if ids else None
-
-    def child_runs(self, parent_run_id: str, kind: str | None = None) -> list:
-        """Every run whose `mlflow.parentRunId` is `parent_run_id` (optionally of one kind),
-        oldest first."""
-        parent = self.get_run(parent_run_id)
-        query = f"tags.`{PARENT_TAG}` = '{parent_run_id}'"
-        if kind:
-            query += f" and tags.`{KIND_TAG}` = '{kind}'"
-        return list(
-            reversed(
-                self.client.search_runs(
-                    [parent.info.experiment_id],
-                    filter_string=query,
-                    order_by=["attributes.start_time DESC"],
-                    max_results=10000,
-                )
-            )
-        )
-
-    def metric_history(self, run_id: str, key: str) -> dict[int, float]:
-        return {m.step: m.value for m in self.client.get_metric_history(run_id, key)}
-
-    def log_pytorch_model(
-        self,
-        run_id: str,
-        model,
-        *,
-        input_example,
-        output_example,
-        metadata: dict,
-        extra_files: list[str],
-    ) -> str:
-        """`mlflow.pytorch.log_model` into `run_id` with an explicit signature; returns the
-        model URI. `input_example` must hold >= 2 samples, or the saved signature pins the
-        batch size to 1."""
-        import mlflow
-        import mlflow.pytorch
-        from mlflow.models import infer_signature
-
-        mlflow.set_tracking_uri(self.uri)
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pytorch.log_model(
-                model,
-                name="model",
-                input_example=input_example,
-                signature=infer_signature(input_example, output_example),
-                metadata=metadata,
-                extra_files=extra_files,
-            )
-        return info.model_uri
-
-    def register(self, model_uri: str, name: str, alias: str, tags: dict | None = None) -> str:
-        """Register `model_uri` as a new version of `name` and point `alias` at it (aliases,
-        never the deprecated stages); returns the version."""
-        import mlflow
-
-        mlflow.set_tracking_uri(self.uri)
-        mlflow.set_registry_uri(self.uri)
-        version = mlflow.register_model(model_uri, name, tags=tags)
-        self.client.set_registered_model_alias(name, alias, version.version)
-        return str(version.version)
-
-    def model_version(self, name: str, alias_or_version: str):
-        """The registered version behind `name@alias` (or `name/version`)."""
-        from mlflow.exceptions import MlflowException
-
-        try:
-            registered = self.client.get_registered_model(name)
-        except MlflowException:
-            raise TrackingError(f"no registered model {name!r} in {redact(self.uri)}") from None
-        try:
-            if alias_or_version.isdigit():
-                return self.client.get_model_version(name, alias_or_version)
-            return self.client.get_model_version_by_alias(name, alias_or_version)
-        except MlflowException:
-            known = ", ".join(sorted(registered.aliases)) or "none"
-            raise TrackingError(
-                f"registered model {name!r} has no alias or version "
-                f"{alias_or_version!r} (aliases: {known})"
-            ) from None
-
-    def download_uri(self, artifact_uri: str) -> Path:
-        """Download any artifact URI (runs:/..., models:/..., file paths) to a temp folder."""
-        import mlflow.artifacts
-
-        target = tempfile.mkdtemp(prefix="crackray-")
-        try:
-            return Path(
-                mlflow.artifacts.download_artifacts(
-                    artifact_uri=artifact_uri, dst_path=target, tracking_uri=self.uri
-                )
-            )
-        except Exception as exc:  # noqa: BLE001 - MlflowException / OSError alike
-            raise TrackingError(f"cannot download {artifact_uri}: {exc}") from None
-
-
-def server_command(uri: str, host: str, port: int) -> list[str]:
-    """`mlflow server` over a local store, with artifacts where crackray writes them."""
-    import sys
-
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        uri,
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    root = _local_artifact_root(uri)
-    if root:
-        # Experiments created in the UI get the same artifact folder as crackray's own.
-        command += ["--default-artifact-root", root, "--no-serve-artifacts"]
-    return command

@@ -1,0 +1,3 @@
+from crackray.cli import main
+
+main()
