@@ -141,6 +141,11 @@ class Tracker(LineageMixin, RegistryMixin):
 
     # -- writes (buffered when the server is away) ---------------------------------------
 
+    @property
+    def pending_writes(self) -> int:
+        """Writes buffered while the server is away, not yet sent."""
+        return len(self._pending)
+
     def _call(self, fn: Callable, *args, **kwargs) -> None:
         self._pending.append((fn, args, kwargs))
         # During an outage each attempt costs MLflow's retries: queue without trying for a while.

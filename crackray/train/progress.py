@@ -4,6 +4,7 @@ thread prints it: Ray's own worker logs can then stay off the console."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from queue import Empty
@@ -60,3 +61,7 @@ class EpochPrinter:
             epoch_s, eta_s = clock.tick(time.monotonic(), metrics["epoch"],
                                         metrics["epochs_planned"])
             self.echo(epoch_line(metrics, self.objective, epoch_s, eta_s))
+            if metrics.get("tracking/pending_writes"):
+                print(f"warning: MLflow tracking server unreachable: buffering tracking writes "
+                      f"and retrying ({metrics['tracking/pending_writes']} pending)",
+                      file=sys.stderr)

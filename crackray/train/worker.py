@@ -76,6 +76,8 @@ def train_fn_per_worker(config: dict) -> None:
         schedule.step_epoch(metrics[OBJECTIVE_KEY])
         if improved:
             best_weights = checkpoints.cpu_state(model)
+        if logger:  # the driver prints a warning while MLflow is away (worker logs are off)
+            metrics["tracking/pending_writes"] = logger.tracker.pending_writes
         with checkpointer.epoch_checkpoint(model, optimizer, schedule, state,
                                            best_weights) as (checkpoint, best_file):
             ray.train.report(metrics, checkpoint=checkpoint,
