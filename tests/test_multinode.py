@@ -80,6 +80,9 @@ def run_child(out: Path) -> None:
     # this exact, lower-case name.
     os.environ["RAY_raylet_start_wait_time_s"] = "120"  # noqa: SIM112
     temp_dir = tempfile.mkdtemp(prefix="crm-", dir="/tmp")
+    # Cluster records its address in Ray's default temp root, which a clean machine (or one
+    # where another Ray cleaned up) may lack.
+    os.makedirs(os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), "ray"), exist_ok=True)
     cluster = Cluster(initialize_head=True, head_node_args=node_args(
         temp_dir, include_dashboard=True, dashboard_port=free_port()))
     try:

@@ -16,8 +16,14 @@ def _params(config: dict) -> str:
 
 
 class TrialPrinter(tune.Callback):
-    def __init__(self, objective: str, echo=print):
-        self.objective, self.echo = objective, echo
+    # Prints at call time (not a stored `print`): Tune pickles its callbacks with the job's
+    # state, and a driver-side Ray may have replaced builtins.print.
+    def __init__(self, objective: str):
+        self.objective = objective
+
+    @staticmethod
+    def echo(line: str) -> None:
+        print(line, flush=True)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.echo(f"trial {trial.trial_id} started  {_params(trial.config)}")
