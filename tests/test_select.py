@@ -246,7 +246,8 @@ def test_select_registers_the_winner_under_the_alias(store, tmp_path, ray_sessio
     mlflow.set_registry_uri(store)
     info = get_model_info(f"models:/crackray-test/{result.version}")
     assert info.metadata["threshold"] == pytest.approx(result.winner.threshold)
-    assert info.signature.inputs.to_dict() == [{"type": "string", "name": "image", "required": True}]
+    signature = info.signature.inputs.to_dict()
+    assert signature == [{"type": "string", "name": "image", "required": True}]
 
 
 @pytest.mark.slow
