@@ -6,9 +6,9 @@ often, while an epoch stays short when negatives far outnumber positives. With n
 negatives than positives, every negative is drawn every epoch.
 
 Ray-Data compatible by construction: the selection is a pure function of (negative ids, seed,
-epoch), so a restart from a checkpoint replays the same draws. The driver draws every epoch's
-negatives up front and each epoch's Dataset keeps only those, before the shuffle and decoding
-(`pipeline.training_datasets`). No Ray here: this module holds what an epoch contains.
+epoch), so every worker draws the same negatives without a message and a restart from a
+checkpoint replays the same draws. Each worker's epoch Dataset keeps only those, before the
+shuffle and decoding (`epochs.training_epoch`). No Ray here.
 """
 
 from __future__ import annotations
