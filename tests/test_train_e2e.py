@@ -29,7 +29,8 @@ pytestmark = pytest.mark.slow
 EXPERIMENT_FILE = REPO / "search_spaces" / "sdnet_classifier.yaml"
 EXPERIMENT = "sdnet_classifier"  # the file's stem
 OVERRIDES = ["data.path=data/sdnet2018", "model.name=simple_cnn", "model.pretrained=false",
-             "data.image_size=32", "train.epochs=2", "train.workers=2", "train.batch_size=32", "optim.lr=3e-3",
+             "data.image_size=32", "train.epochs=2", "train.workers=2", "train.batch_size=32",
+             "optim.lr=3e-3",
              "optim.warmup_epochs=0"]
 PER_EPOCH = [f"{split}/{name}" for split in ("train", "val") for name in ("loss",)] + [
     f"val/{name}" for name in ("accuracy", "precision", "recall", "f1", "auroc")]
