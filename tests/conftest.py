@@ -65,3 +65,21 @@ def cli(tmp_path):
         )
 
     return run
+
+
+def sampled_distributions(experiment, trials: int = 60) -> dict:
+    """The Optuna distribution of every searched key as crackray's define-by-run space
+    suggests it (random sampling reaches every branch of the `when:` conditions)."""
+    import optuna
+
+    from crackray.tune.space import ConditionalSpace
+
+    space = ConditionalSpace(experiment.search, experiment.base)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = {}
+    for _ in range(trials):
+        trial = study.ask()
+        space(trial)
+        seen.update(trial.distributions)
+        study.tell(trial, 0.0)
+    return seen

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
-import pyarrow.parquet as pq
 import ray.data
 import ray.train
 
@@ -117,10 +116,6 @@ def _read(files: list[str], with_masks: bool) -> ray.data.Dataset:
     # worker in the same order every time (`ExactEvalDataConfig` keeps this for Train).
     ds.context.execution_options.preserve_order = True
     return ds
-
-
-def dataset_has_masks(files: list[str]) -> bool:
-    return "mask" in pq.read_schema(files[0]).names
 
 
 def build_dataset(cfg: RunConfig, split: str, *, with_masks: bool = False) -> ray.data.Dataset:

@@ -1,6 +1,6 @@
-"""Search-space entries (Optuna's own vocabulary in the YAML) -> Optuna distributions, a
-define-by-run function for conditional entries (`when:`), and a check that every value they
-can produce makes a valid run config."""
+"""Search-space entries (Optuna's own vocabulary in the YAML) -> an Optuna define-by-run
+space that honours `when:` conditions, and a check that every value they can produce makes a
+valid run config."""
 
 from __future__ import annotations
 
@@ -8,23 +8,6 @@ import optuna
 
 from crackray.config import Distribution, ExperimentFile, RunConfig, active_keys, with_params
 from crackray.errors import ConfigError
-
-
-def to_optuna(search: dict[str, Distribution]) -> dict[str, optuna.distributions.BaseDistribution]:
-    """Search-space entries -> Optuna distributions, one to one."""
-    out = {}
-    for key, dist in search.items():
-        if dist.type == "categorical":
-            out[key] = optuna.distributions.CategoricalDistribution(dist.choices)
-        elif dist.type == "int":
-            out[key] = optuna.distributions.IntDistribution(
-                int(dist.low), int(dist.high), log=dist.log, step=int(dist.step or 1)
-            )
-        else:
-            out[key] = optuna.distributions.FloatDistribution(
-                dist.low, dist.high, log=dist.log, step=dist.step
-            )
-    return out
 
 
 class ConditionalSpace:
