@@ -109,6 +109,21 @@ RESUMABLE_KEYS = frozenset({
 _ENVIRONMENT_KEYS = ("git_commit", "version.")
 
 
+_RESUMABLE_KINDS = {"train": "training run", "tune": "tuning job"}
+
+
+def run_to_resume(tracker: Tracker, experiment: str, kind: str, params: dict,
+                  prefix: str = ""):
+    """`--resume`: the latest unfinished run of `kind` ("train" or "tune") in `experiment`,
+    checked against the resumed config's `params` (logged under `prefix`)."""
+    previous = tracker.latest_run(experiment, kind=kind, unfinished=True)
+    if previous is None:
+        raise ConfigError(f"--resume: no unfinished {_RESUMABLE_KINDS[kind]} of experiment "
+                          f"'{experiment}' in {tracker.uri}")
+    check_resumable(previous.data.params, params, prefix)
+    return previous
+
+
 def check_resumable(logged: dict[str, str], params: dict, prefix: str = "") -> None:
     """Refuse a resume whose config or data differ from the run being resumed (`logged`: its
     MLflow params; `params`: `run_params` of the resumed config), naming the changed keys."""

@@ -19,17 +19,16 @@ from crackray.config import RunConfig, save_resolved
 from crackray.data.composition import epoch_rows
 from crackray.data.pipeline import ExactEvalDataConfig, build_dataset
 from crackray.data.splits import VAL
-from crackray.errors import ConfigError
 from crackray.holdout import evaluate_on_test
 from crackray.losses import resolve_pos_weight
 from crackray.models import model_segments
 from crackray.runs import (
     absolute_storage,
-    check_resumable,
     fetch_best_model,
     log_run_lineage,
     resolve_data,
     run_params,
+    run_to_resume,
     train_counts,
 )
 from crackray.runtime import ensure_ray
@@ -115,13 +114,7 @@ def run_training(
     params = run_params(cfg, manifest)
 
     if resume:
-        previous = tracker.latest_run(experiment, kind="train", unfinished=True)
-        if previous is None:
-            raise ConfigError(
-                f"--resume: no unfinished training run of experiment '{experiment}' in "
-                f"{tracker.uri}"
-            )
-        check_resumable(previous.data.params, params)
+        previous = run_to_resume(tracker, experiment, "train", params)
         name = previous.data.tags["crackray.ray_run_name"]
     else:
         name = f"train-{time.strftime('%Y%m%d-%H%M%S')}"

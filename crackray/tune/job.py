@@ -12,14 +12,13 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from crackray.config import ExperimentFile, TuneConfig
-from crackray.errors import ConfigError
 from crackray.models import model_segments
 from crackray.runs import (
     absolute_storage,
-    check_resumable,
     log_run_lineage,
     resolve_data,
     run_params,
+    run_to_resume,
 )
 from crackray.runtime import ensure_ray
 from crackray.scores import objective_name
@@ -47,13 +46,8 @@ def run_tuning(
     exp_name = base.tracking.experiment or Path(file).stem
     storage = absolute_storage(tcfg.storage_path)
 
-    previous = tracker.latest_run(exp_name, kind="tune", unfinished=True) if resume else None
-    if resume and previous is None:
-        raise ConfigError(
-            f"--resume: no unfinished tuning job of experiment '{exp_name}' in {tracker.uri}"
-        )
-    if previous is not None:
-        check_resumable(previous.data.params, run_params(base, manifest), prefix="base.")
+    params = run_params(base, manifest)
+    previous = run_to_resume(tracker, exp_name, "tune", params, "base.") if resume else None
     job_name = (
         previous.data.tags["crackray.job_name"]
         if previous
@@ -66,9 +60,7 @@ def run_tuning(
         kind="tune",
         tags={"crackray.job_name": job_name, "crackray.storage_path": storage},
     )
-    tracker.log_params(
-        parent_run_id, {f"base.{k}": v for k, v in run_params(base, manifest).items()}
-    )
+    tracker.log_params(parent_run_id, {f"base.{k}": v for k, v in params.items()})
     tracker.log_artifact(parent_run_id, file)
     log_run_lineage(tracker, parent_run_id, manifest, base.data.path)
 
