@@ -16,45 +16,32 @@ import pyarrow.parquet as pq
 import torch
 
 from crackray.config import RunConfig
+from crackray.data.batches import COLUMNS, MASK_COLUMNS, prepare_batch, to_torch
 from crackray.data.images import decode_mask, open_image
 from crackray.data.shards import read_manifest, split_files
-from crackray.data.transforms import decode_images, decode_masks, to_model_input
 from crackray.engine import EvalOutputs, Objective, evaluate
 from crackray.models import model_segments
-
-_COLUMNS = ["image", "label", "surface", "path", "sha256"]
-_MASK_COLUMNS = ["mask", "has_mask"]
 
 
 def split_batches(cfg: RunConfig, split: str, batch_size: int, device: torch.device,
                   with_masks: bool = False) -> Iterator[dict]:
-    """A split's rows in their stored order, decoded like the Ray pipeline's evaluation
-    batches (no augmentation), as torch batches on `device`. Decoded here with the same
-    transforms, not through `pipeline.prepare_batch`: importing the pipeline imports Ray."""
+    """A split's rows in their stored order, decoded as the Ray pipeline's evaluation
+    batches are (`batches.prepare_batch`, no augmentation), as torch batches on `device`."""
     if read_manifest(cfg.data.path)["totals"].get(split, {}).get("samples", 0) == 0:
         return
-    columns = _COLUMNS + (_MASK_COLUMNS if with_masks else [])
+    columns = COLUMNS + (MASK_COLUMNS if with_masks else [])
     for path in split_files(cfg.data.path, split):
         for record_batch in pq.ParquetFile(path).iter_batches(batch_size, columns=columns):
             rows = {name: record_batch.column(name).to_numpy(zero_copy_only=False)
                     for name in columns}
-            labels = rows["label"].astype(np.float32)
-            out = {
-                "image": to_model_input(decode_images(rows["image"], cfg.data.image_size), device),
-                "label": torch.tensor(labels, device=device),
-                "surface": np.asarray(rows["surface"], dtype=object),
-                "path": np.asarray(rows["path"], dtype=object),
-            }
+            batch = to_torch(prepare_batch(rows, image_size=cfg.data.image_size,
+                                           augment_strength=0.0, with_masks=with_masks),
+                             device)
             if with_masks:
-                masks, has_mask = decode_masks(rows["mask"], cfg.data.image_size)
-                out["mask"] = torch.tensor(masks, device=device)
-                # A crack-free row's mask is all zero by definition, stored or not (as in the
-                # pipeline's evaluation batches: every mask kept, none dilated).
-                out["has_mask"] = torch.tensor(has_mask | (labels == 0), device=device)
                 # The loss needs `mask` at the training size; pixel metrics are scored on the
                 # stored masks at their own resolution (`engine.evaluate` upsamples the maps).
-                out["score_masks"] = full_resolution_masks(rows["mask"], rows["image"])
-            yield out
+                batch["score_masks"] = full_resolution_masks(rows["mask"], rows["image"])
+            yield batch
 
 
 def full_resolution_masks(masks, images) -> list[np.ndarray]:

@@ -346,7 +346,7 @@ def test_pixel_metrics_are_scored_at_the_masks_own_resolution(tmp_path):
 
 
 def test_in_process_batches_decode_as_the_ray_pipeline_does(tmp_path):
-    from crackray.data.pipeline import prepare_batch
+    from crackray.data.batches import prepare_batch
     from crackray.inference import split_batches
 
     cfg = thin_crack_config(thin_crack_dataset(tmp_path))

@@ -1,6 +1,6 @@
 """Throughput benchmarks: crackray's Ray machinery side by side with plain PyTorch.
 
-Both sides of each comparison call the same functions (`pipeline.prepare_batch` for decode and
+Both sides of each comparison call the same functions (`batches.prepare_batch` for decode and
 augmentation, `transforms.to_model_input`, `engine.train_one_epoch`), so a ratio measures only
 the machinery around them. The sides alternate round by round (A B, B A, ...) so that a shared,
 noisy CPU slows both alike; every round is kept in the result so the noise can be seen.

@@ -16,7 +16,7 @@ from crackray.data.shards import read_split_table
 
 class ShardDataset(Dataset):
     """A map-style Dataset over one split: encoded bytes in memory, decoded and augmented a
-    batch of indices at a time (use with a BatchSampler) by `pipeline.prepare_batch`, the very
+    batch of indices at a time (use with a BatchSampler) by `batches.prepare_batch`, the very
     function of crackray's map_batches step, so both sides produce the same pixels."""
 
     def __init__(self, data_dir: str | Path, split: str, image_size: int,
@@ -34,7 +34,7 @@ class ShardDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, indices: list[int]) -> dict[str, np.ndarray]:
-        from crackray.data.pipeline import prepare_batch
+        from crackray.data.batches import prepare_batch
 
         rows = {"image": self.images[indices], "label": self.labels[indices],
                 "surface": self.surfaces[indices], "path": self.paths[indices]}

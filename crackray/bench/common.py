@@ -65,9 +65,10 @@ def _per_second(work: Callable[[list], object], images: list, passes: int = 3) -
 
 def ceilings(data: str | Path, image_size: int, augment: float, sample: int = 256) -> dict:
     """One process's images/s of (a) decoding training tiles to `image_size` and (b) the whole
-    training transform the pipeline runs per batch (`pipeline.prepare_batch`: decode +
+    training transform the pipeline runs per batch (`batches.prepare_batch`: decode +
     augmentation); times the cores, the ceilings of any ingest on this machine."""
-    from crackray.data.pipeline import DECODE_BATCH, prepare_batch
+    from crackray.data.batches import prepare_batch
+    from crackray.data.pipeline import DECODE_BATCH
 
     table = read_split_table(data, "train", ["image", "label", "surface", "path"]).slice(0, sample)
     rows = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}

@@ -16,68 +16,11 @@ import ray.data
 import ray.train
 
 from crackray.config import RunConfig
-from crackray.data import transforms
+from crackray.data.batches import COLUMNS, MASK_COLUMNS, prepare_batch, to_torch
 from crackray.data.shards import read_split_table, split_files
 from crackray.data.splits import TEST, TRAIN, VAL  # noqa: F401 (re-exported)
 
-_COLUMNS = ["image", "label", "surface", "path", "sha256"]
-_MASK_COLUMNS = ["mask", "has_mask"]
 DECODE_BATCH = 64  # rows per map_batches call: large enough to amortise task overhead
-
-
-def prepare_batch(
-    batch: dict[str, np.ndarray],
-    *,
-    image_size: int,
-    augment_strength: float,
-    with_masks: bool = False,
-    dilate: int = 1,
-    segmented_fraction: float = 1.0,
-) -> dict[str, np.ndarray]:
-    """One map_batches step: decode, resize and (for training) augment a batch of rows.
-
-    Training images (`augment_strength` > 0) are random-cropped where the tile allows and
-    augmented in one pass (`transforms.decode_training`); with masks (segdec) they are
-    resized and augmented together with their masks, which must stay aligned.
-
-    Rows of a training epoch carry `key` (`epochs.training_epoch`), which seeds each row's own
-    generator: a row's crop and augmentation in an epoch do not depend on which task, worker
-    or batch it lands in, so a resumed run augments as the uninterrupted one did. Without
-    `key` (the plain-DataLoader benchmark baseline) one unseeded generator serves the batch.
-    """
-    n = len(batch["image"])
-    if "key" in batch:
-        rngs = [np.random.default_rng(int(key)) for key in batch["key"]]
-    else:
-        rngs = [np.random.default_rng()] * n
-    augmenting = augment_strength > 0
-    if augmenting and not with_masks:
-        images = transforms.decode_training(batch["image"], image_size, rngs, augment_strength)
-    else:
-        images = transforms.decode_images(batch["image"], image_size)
-    out = {
-        "label": batch["label"].astype(np.float32),
-        "surface": batch["surface"],
-        "path": batch["path"],
-    }
-    if with_masks:
-        masks, has_mask = transforms.decode_masks(batch["mask"], image_size, dilate)
-        # Negatives have an all-zero mask by definition; positives keep theirs only for the
-        # fully supervised fraction (mixed supervision).
-        is_negative = out["label"] == 0
-        keep = np.array(
-            [transforms.weak_label_keep(h, segmented_fraction) for h in batch["sha256"]]
-        )
-        out["has_mask"] = is_negative | (has_mask & keep)
-        if augmenting:
-            for i, rng in enumerate(rngs):
-                row = slice(i, i + 1)
-                images[row], masks[row] = transforms.augment(
-                    images[row], rng, augment_strength, masks[row]
-                )
-        out["mask"] = masks
-    out["image"] = images
-    return out
 
 
 def _configure_ray_data() -> None:
@@ -101,7 +44,7 @@ def _configure_ray_data() -> None:
 
 def _read(files: list[str], with_masks: bool) -> ray.data.Dataset:
     _configure_ray_data()
-    columns = _COLUMNS + (_MASK_COLUMNS if with_masks else [])
+    columns = COLUMNS + (MASK_COLUMNS if with_masks else [])
     # Ray 2.60's DataSourceV2 Parquet reader lists files and reads footers in freshly started
     # actors on every execution, i.e. every epoch: 5-25 s of process start-up per epoch on a
     # small machine (`crackray bench ingest`). The V1 reader reads footers once, here.
@@ -148,7 +91,7 @@ def _decoded(ds: ray.data.Dataset, cfg: RunConfig, *, train: bool, with_masks: b
 def overlay_examples(cfg: RunConfig, split: str, count: int = 6) -> dict[str, np.ndarray]:
     """A fixed handful of decoded rows with masks (two thirds cracks, spread over the split by
     path) whose predicted masks are drawn as MLflow artifacts during training."""
-    table = read_split_table(cfg.data.path, split, columns=_COLUMNS + _MASK_COLUMNS)
+    table = read_split_table(cfg.data.path, split, columns=COLUMNS + MASK_COLUMNS)
     order = np.argsort(np.asarray(table.column("path").to_pylist(), dtype=object))
     labels = table.column("label").to_numpy()[order]
     positives, negatives = order[labels == 1], order[labels == 0]
@@ -173,24 +116,9 @@ def iterate_batches(shard, batch_size: int, device) -> Iterator[dict]:
     `image` is normalised float NCHW (channels_last memory), `label` float; string columns
     (`surface`, `path`) stay numpy arrays for per-surface metrics and error galleries.
     """
-    import torch
-
-    batches = shard.iter_batches(
-        batch_size=batch_size,
-        batch_format="numpy",
-        prefetch_batches=2,
-    )
-    for batch in batches:
-        out = {
-            "image": transforms.to_model_input(batch["image"], device),
-            "label": torch.tensor(batch["label"], device=device),
-            "surface": batch["surface"],
-            "path": batch["path"],
-        }
-        if "mask" in batch:
-            out["mask"] = torch.tensor(batch["mask"], device=device)
-            out["has_mask"] = torch.tensor(batch["has_mask"], device=device)
-        yield out
+    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy",
+                                    prefetch_batches=2):
+        yield to_torch(batch, device)
 
 
 class ExactEvalDataConfig(ray.train.DataConfig):
