@@ -11,7 +11,7 @@ import ray.data
 
 from crackray.config import RunConfig
 from crackray.data.composition import positive_repeats
-from crackray.data.pipeline import _decoded, _read
+from crackray.data.pipeline import decoded, read_shards
 from crackray.data.shards import read_split_table, split_files
 from crackray.data.splits import TRAIN
 from crackray.sampling import frequency_sampler
@@ -69,7 +69,7 @@ def training_epoch(
         )
     low = 0 if rank == 0 else int(keys[rank * share])
     high = int(keys[(rank + 1) * share]) if (rank + 1) * share < len(keys) else _KEY_LIMIT
-    mine = _read(split_files(cfg.data.path, TRAIN), with_masks).map_batches(
+    mine = read_shards(split_files(cfg.data.path, TRAIN), with_masks).map_batches(
         _epoch_rows,
         batch_size=None,
         batch_format="pyarrow",
@@ -81,7 +81,7 @@ def training_epoch(
     # before reading here: 33-46 s for an epoch of the SDNET subset against 9-11 s.
     seed = np.random.SeedSequence([cfg.train.seed & _UNSIGNED_64, epoch, rank])
     shuffled = mine.random_shuffle(seed=int(seed.generate_state(1)[0]))
-    return _decoded(shuffled, cfg, train=True, with_masks=with_masks)
+    return decoded(shuffled, cfg, train=True, with_masks=with_masks)
 
 
 def _epoch_index(

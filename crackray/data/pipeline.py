@@ -42,7 +42,8 @@ def _configure_ray_data() -> None:
     context.op_resource_reservation_enabled = False
 
 
-def _read(files: list[str], with_masks: bool) -> ray.data.Dataset:
+def read_shards(files: list[str], with_masks: bool) -> ray.data.Dataset:
+    """The encoded rows of Parquet shards as a Ray Dataset, in file order."""
     _configure_ray_data()
     columns = COLUMNS + (MASK_COLUMNS if with_masks else [])
     # Ray 2.60's DataSourceV2 Parquet reader lists files and reads footers in freshly started
@@ -64,15 +65,16 @@ def _read(files: list[str], with_masks: bool) -> ray.data.Dataset:
 def build_dataset(cfg: RunConfig, split: str, *, with_masks: bool = False) -> ray.data.Dataset:
     """The Ray Dataset of an evaluation split in its stored order, decoded, not augmented.
     Training epochs come from `epochs.training_epoch`."""
-    return _decoded(
-        _read(split_files(cfg.data.path, split), with_masks),
+    return decoded(
+        read_shards(split_files(cfg.data.path, split), with_masks),
         cfg,
         train=False,
         with_masks=with_masks,
     )
 
 
-def _decoded(ds: ray.data.Dataset, cfg: RunConfig, *, train: bool, with_masks: bool):
+def decoded(ds: ray.data.Dataset, cfg: RunConfig, *, train: bool, with_masks: bool):
+    """`ds` decoded by `prepare_batch` (augmented, with dilated masks, if `train`)."""
     return ds.map_batches(
         prepare_batch,
         batch_size=DECODE_BATCH,

@@ -52,7 +52,7 @@ def build_trainer(
     rows_per_worker = epoch_rows(cfg, n_pos, n_neg) // cfg.train.workers
     segments = model_segments(cfg.model.name)
     # Only validation goes through Ray Train's dataset split: each worker builds its own part
-    # of every training epoch (pipeline.training_epoch), reshuffled per epoch.
+    # of every training epoch (epochs.training_epoch), reshuffled per epoch.
     datasets = {VAL: build_dataset(cfg, VAL, with_masks=segments)}
     settings = WorkerSettings(
         run=cfg,
