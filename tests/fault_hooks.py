@@ -14,12 +14,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import cloudpickle
+import ray.cloudpickle
 
 from crackray.train.hooks import HOOKS_ENV
 
-# Pickled by value: Ray's workers cannot import this test module.
-cloudpickle.register_pickle_by_value(sys.modules[__name__])
+# Pickled by value with Ray's own (vendored) cloudpickle, the one that ships WorkerSettings:
+# Ray's workers cannot import this test module (a Ray started before the test set PYTHONPATH
+# never sees tests/).
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 FAULT_DIR_ENV = "CRACKRAY_TEST_FAULT_DIR"
 TESTS = str(Path(__file__).resolve().parent)

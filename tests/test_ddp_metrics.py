@@ -1,8 +1,11 @@
 """Validation on 2 Ray Train workers counts every sample exactly once, and its metrics equal
 an independent single-process computation with scikit-learn (crack = positive class).
 
-The validation split of the real SDNET2018 tiles has an odd size (481), so the two workers'
-shards cannot be equal: padding or dropping rows to even them out would show up here.
+The validation splits here have an odd size (481 real SDNET2018 tiles, or 133 synthetic ones
+where ../shared/data is absent), and each spans several decoded blocks, the unit in which
+Ray hands rows to the workers, so both workers score rows, so the two workers' shards cannot be equal: padding or
+dropping rows to even them out would show up here. A real 2-worker training run with a
+BatchNorm model then checks that the metrics it logs belong to the checkpoint it saves.
 """
 
 from __future__ import annotations
@@ -19,15 +22,29 @@ import torch.nn.functional as F
 from sklearn import metrics as skm
 
 from crackray.config import RunConfig
-from crackray.data.pipeline import VAL, ExactEvalDataConfig, build_dataset, iterate_batches
-from crackray.data.prepare import prepare_sdnet2018
+from crackray.data.pipeline import (
+    DECODE_BATCH,
+    VAL,
+    ExactEvalDataConfig,
+    build_dataset,
+    iterate_batches,
+)
+from torch import nn
+
+from crackray import checkpoints
+from crackray.data.prepare import prepare_sdnet2018, prepare_synthetic
 from crackray.data.shards import read_split_table
 from crackray.engine import EvalOutputs, Objective, evaluate, gather
 from crackray.evaluation import split_metrics
+from crackray.inference import predict_split
 from crackray.metrics import classification_metrics
-from tests.conftest import SDNET, require
+from crackray.train.driver import run_training
+from tests.conftest import SDNET
 
 pytestmark = pytest.mark.slow
+# 133 in validation: odd, and over 2 x DECODE_BATCH rows, i.e. at least two decoded blocks
+# (a smaller split is decoded in one task, one block, and scored by one worker).
+SYNTHETIC_TILES = 880
 
 
 def validate_per_worker(config: dict) -> None:
@@ -58,8 +75,11 @@ def _model(cfg: RunConfig):
 
 @pytest.fixture(scope="module")
 def sdnet_val(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp") / "sdnet"
-    prepare_sdnet2018(require(SDNET), out, seed=0)
+    out = tmp_path_factory.mktemp("ddp") / "split"
+    if SDNET.exists():
+        prepare_sdnet2018(SDNET, out, seed=0)
+    else:  # CI without ../shared: synthetic tiles, 133 in validation
+        prepare_synthetic(out, n=SYNTHETIC_TILES, seed=0, image_size=64)
     cfg = RunConfig.model_validate({"data": {"path": str(out), "image_size": 32},
                                     "model": {"name": "test_tiny"}})
     return cfg, read_split_table(out, VAL, ["path", "label"]).to_pydict()
@@ -128,3 +148,33 @@ def test_two_worker_validation_counts_each_sample_once_and_matches_sklearn(
     val = split_metrics(EvalOutputs(probs=probs, targets=targets,
                                     loss_sum=float(gathered["loss_sum"])), VAL)
     assert val["val/loss"] == pytest.approx(expected_loss, rel=1e-4)
+
+
+def test_two_worker_training_logs_the_metrics_of_the_checkpoint_it_saves(ray_session, tmp_path):
+    """BatchNorm: each worker's last training forward moves its own running statistics, so
+    unless rank 0's buffers reach every rank before evaluation, the two halves of the
+    validation split are scored by two different models, neither of them the saved one."""
+    prepare_synthetic(tmp_path / "data", n=SYNTHETIC_TILES, seed=0, image_size=32)
+    cfg = RunConfig.model_validate({
+        "data": {"path": str(tmp_path / "data"), "image_size": 32},
+        "model": {"name": "simple_cnn"},
+        "optim": {"lr": 1e-2, "scheduler": "none"},
+        "train": {"epochs": 1, "workers": 2, "batch_size": 16},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    })
+    result = run_training(cfg, storage_path=str(tmp_path / "ray_results"), experiment="bn")
+
+    model, saved_cfg, payload = checkpoints.build_model_from_file(result.best_model)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    single = predict_split(model, saved_cfg, VAL)  # one process, no Ray
+    samples = len(single.targets)
+    assert samples % 2 == 1  # odd: the workers' shards differ in size
+    assert samples > 2 * DECODE_BATCH  # several blocks: rank 1 scores rows too
+    logged = result.history[payload["epoch"]]
+    assert logged["val/samples"] == samples
+    assert logged["val/loss"] == pytest.approx(single.loss_sum / samples, rel=1e-5)
+    assert logged["val/ap"] == pytest.approx(
+        skm.average_precision_score(single.targets, single.probs), abs=1e-6)
+    preds = (single.probs >= 0.5).astype(int)
+    assert logged["val/recall"] == pytest.approx(
+        skm.recall_score(single.targets, preds, zero_division=0), abs=1e-6)
