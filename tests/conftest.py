@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -46,6 +48,53 @@ def tempfile_short() -> str:
     import tempfile
 
     return tempfile.mkdtemp(prefix="cr-ray-", dir="/tmp")
+
+
+TINY_TUNE = ["--set", "tune.num_samples=2", "--set", "base.train.epochs=1",
+             "--set", "base.data.synthetic_n=80", "--set", "base.data.image_size=32",
+             "--set", "tune.scheduler.name=fifo"]  # 1 epoch: nothing for ASHA to cut short
+
+
+def tune_store(folder: Path, *overrides: str) -> str:
+    """Run a 2-trial x 1-epoch tuning job of tiny synthetic tiles in `folder` with the CLI;
+    returns the store's tracking URI."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "crackray"), "tune",
+         str(REPO / "search_spaces" / "quickstart.yaml"), *TINY_TUNE, *overrides],
+        cwd=folder, env=env, capture_output=True, text=True, timeout=1500,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+@dataclass(frozen=True)
+class TuneJob:
+    """A finished tiny tuning job: the folder it ran in (its data, Ray results and MLflow
+    artifacts) and the MLflow database that records it."""
+
+    folder: Path
+    db: Path
+
+    @property
+    def uri(self) -> str:
+        return f"sqlite:///{self.db}"
+
+    def copy(self, folder: Path) -> TuneJob:
+        """The same job in a database of its own, for tests that register or log: the runs'
+        artifact URIs are absolute, so they still read (and new runs write) in `self.folder`
+        under fresh run ids, while the original database stays as the job left it."""
+        shutil.copy2(self.db, folder / "mlflow.db")
+        return TuneJob(self.folder, folder / "mlflow.db")
+
+
+@pytest.fixture(scope="session")
+def tiny_tune_job(tmp_path_factory) -> TuneJob:
+    """One tiny tuning job for the whole session (minutes of Ray start-up and trials, which
+    five modules would otherwise pay each). Read it as is; `.copy()` it to write to it."""
+    folder = tmp_path_factory.mktemp("tiny-tune")
+    tune_store(folder)
+    return TuneJob(folder, folder / "mlflow.db")
 
 
 @pytest.fixture()

@@ -2,10 +2,11 @@
 an independent single-process computation with scikit-learn (crack = positive class).
 
 The validation splits here have an odd size (481 real SDNET2018 tiles, or 133 synthetic ones
-where ../shared/data is absent), and each spans several decoded blocks, the unit in which
-Ray hands rows to the workers, so both workers score rows, so the two workers' shards cannot be equal: padding or
-dropping rows to even them out would show up here. A real 2-worker training run with a
-BatchNorm model then checks that the metrics it logs belong to the checkpoint it saves.
+where ../shared/data is absent), so the two workers' shards cannot be equal: padding or
+dropping rows to even them out would show up here. Each split spans several decoded blocks,
+the unit in which Ray hands rows to the workers, so both workers score rows. A real 2-worker
+training run with a BatchNorm model then checks that the metrics it logs belong to the
+checkpoint it saves.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from sklearn import metrics as skm
+from torch import nn
 
+from crackray import checkpoints
 from crackray.config import RunConfig
 from crackray.data.pipeline import (
     DECODE_BATCH,
@@ -29,9 +32,6 @@ from crackray.data.pipeline import (
     build_dataset,
     iterate_batches,
 )
-from torch import nn
-
-from crackray import checkpoints
 from crackray.data.prepare import prepare_sdnet2018, prepare_synthetic
 from crackray.data.shards import read_split_table
 from crackray.engine import EvalOutputs, Objective, evaluate, gather

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-from test_select import tune_store
 
 from crackray import checkpoints
 from crackray.data.shards import read_manifest
@@ -18,8 +17,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    return tune_store(tmp_path_factory.mktemp("report"))
+def store(tiny_tune_job, tmp_path_factory) -> str:
+    return tiny_tune_job.copy(tmp_path_factory.mktemp("report")).uri  # the report is logged
 
 
 def _table_rows(markdown: str, section: str, first_cell: str) -> list[str]:

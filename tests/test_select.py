@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -21,29 +18,12 @@ from crackray.deploy.select import Candidate, Criterion, run_selection
 from crackray.engine import EvalOutputs
 from crackray.errors import CrackrayError
 from crackray.metrics import best_f1_threshold, classification_metrics
-
-REPO = Path(__file__).resolve().parents[1]
-TINY_TUNE = ["--set", "tune.num_samples=2", "--set", "base.train.epochs=1",
-             "--set", "base.data.synthetic_n=80", "--set", "base.data.image_size=32",
-             "--set", "tune.scheduler.name=fifo"]  # 1 epoch: nothing for ASHA to cut short
-
-
-def tune_store(folder: Path, *overrides: str) -> str:
-    """Run a 2-trial x 1-epoch tuning job of tiny synthetic tiles in `folder` with the CLI;
-    returns the store's tracking URI."""
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    done = subprocess.run(
-        [str(Path(sys.executable).parent / "crackray"), "tune",
-         str(REPO / "search_spaces" / "quickstart.yaml"), *TINY_TUNE, *overrides],
-        cwd=folder, env=env, capture_output=True, text=True, timeout=1500,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return f"sqlite:///{folder / 'mlflow.db'}"
+from tests.conftest import REPO, tune_store
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    return tune_store(tmp_path_factory.mktemp("select"))
+def store(tiny_tune_job, tmp_path_factory) -> str:
+    return tiny_tune_job.copy(tmp_path_factory.mktemp("select")).uri
 
 
 # ------------------------------------------------------------------------- pure logic

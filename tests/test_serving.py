@@ -84,13 +84,11 @@ def _inputs(folder: Path) -> tuple[list[Path], Path]:
 
 
 @pytest.fixture(scope="module")
-def champion(tmp_path_factory):
-    """A tiny tuning job, `select`ed: (tracking URI, model URI)."""
-    from test_select import tune_store
-
+def champion(tiny_tune_job, tmp_path_factory):
+    """The session's tiny tuning job, `select`ed: (tracking URI, model URI)."""
     from crackray.deploy.select import Criterion, run_selection
 
-    store = tune_store(tmp_path_factory.mktemp("serve"))
+    store = tiny_tune_job.copy(tmp_path_factory.mktemp("serve")).uri
     run_selection(tracking_uri=store, experiment="quickstart", parent_run_id=None,
                   criterion=Criterion(0.0), alias="champion", name="crackray-serve")
     return store, "models:/crackray-serve@champion"

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-from test_select import tune_store
 
 from crackray.data.shards import read_manifest
 from crackray.tracking import (
@@ -31,11 +30,11 @@ CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("layout")
-    tracker = Tracker(tune_store(folder))
+def job(tiny_tune_job):
+    tracker = Tracker(tiny_tune_job.uri)  # read only
     parent = tracker.latest_run_anywhere("tune")
-    return folder, tracker, parent, tracker.child_runs(parent.info.run_id, kind="trial")
+    return (tiny_tune_job.folder, tracker, parent,
+            tracker.child_runs(parent.info.run_id, kind="trial"))
 
 
 # ------------------------------------------------------------------------- on a real job

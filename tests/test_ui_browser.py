@@ -38,14 +38,12 @@ webdriver = pytest.importorskip("selenium.webdriver",
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
-from test_select import tune_store  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def store_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("ui")
-    tune_store(folder)
-    return folder
+def store_dir(tiny_tune_job, tmp_path_factory) -> Path:
+    """A folder whose ./mlflow.db (what `crackray ui` opens by default) holds the job."""
+    return tiny_tune_job.copy(tmp_path_factory.mktemp("ui")).db.parent
 
 
 def _free_port() -> int:
@@ -153,12 +151,16 @@ def test_a_run_page_shows_its_datasets_and_logged_model(store_dir, ui_url, brows
     model_id = trial.data.tags["crackray.best_model_id"]
     browser.get(f"{url}/#/experiments/{parent.info.experiment_id}/runs/{trial.info.run_id}"
                 "?workflowType=machine_learning")
-    dataset = next(i.dataset for i in trial.inputs.dataset_inputs
-                   if i.dataset.name.endswith("/train"))
+    train_input = next(i for i in trial.inputs.dataset_inputs
+                       if i.dataset.name.endswith("/train"))
+    dataset = train_input.dataset
     # The dataset's name and digest (the label may be split over nested elements).
     WebDriverWait(browser, 60).until(ec.presence_of_element_located(
         (By.XPATH, f"//*[contains(., '{dataset.name}') and contains(., '{dataset.digest}')]")))
-    _wait_text(browser, "Training")  # the dataset's context
+    # The dataset's context as logged ("training"; the UI capitalises it with CSS only).
+    context = next(t.value for t in train_input.tags if t.key == "mlflow.data.context")
+    assert context == "training"
+    _wait_text(browser, context)
     heading = WebDriverWait(browser, 60).until(ec.presence_of_element_located(
         (By.XPATH, "//*[text()='Logged models (1)']")))
     link = WebDriverWait(browser, 60).until(ec.presence_of_element_located(
