@@ -36,9 +36,9 @@ def _load(file, overrides, tracking_uri):
 @friendly_errors
 def train(file, overrides, tracking_uri, resume, verbose):
     """Train the `base` config of an experiment FILE with Ray Train, tracked in MLflow."""
+    experiment = _load(file, overrides, tracking_uri)  # a config error in 3 s, before Ray loads
     from crackray.train.driver import run_training
 
-    experiment = _load(file, overrides, tracking_uri)
     result = run_training(experiment.base, resume=resume, verbose=verbose,
                           storage_path=experiment.tune.storage_path)
     # Validation of the best epoch: the checkpoint that was tested, not the last epoch.
@@ -68,9 +68,9 @@ def train(file, overrides, tracking_uri, resume, verbose):
 @friendly_errors
 def tune(file, overrides, tracking_uri, resume, address, verbose):
     """Run a tuning job: Ray Tune + Optuna (TPE) + ASHA over Ray Train trials."""
+    experiment = _load(file, overrides, tracking_uri)  # a config error before Ray Tune loads
     from crackray.tune.job import run_tuning
 
-    experiment = _load(file, overrides, tracking_uri)
     summary = run_tuning(experiment, file, resume=resume, address=address, verbose=verbose)
     click.echo(summary.table)
     if summary.best_test_metrics:
