@@ -65,6 +65,7 @@ def tune_store(folder: Path, *overrides: str) -> str:
         cwd=folder, env=env, capture_output=True, text=True, timeout=1500,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (folder / "tune.stdout").write_text(done.stdout)
     return f"sqlite:///{folder / 'mlflow.db'}"
 
 
