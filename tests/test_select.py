@@ -240,7 +240,7 @@ def test_select_calibrates_the_mask_threshold_of_a_segdec_winner(tmp_path, ray_s
     from crackray.tracking import Tracker
 
     store = tune_store(tmp_path, "--set", "base.model.name=segdec_tiny",
-                       "--set", "base.data.synthetic_n=60")
+                       "--set", "base.data.synthetic_n=60", "--set", "tune.num_samples=1")
     result = run_selection(tracking_uri=store, experiment="quickstart", parent_run_id=None,
                            criterion=Criterion(0.0), alias="seg", name="crackray-seg")
     winner = result.winner
