@@ -34,7 +34,9 @@ TINY_BASE = {
 
 def write_space(folder: Path, *, search: dict, tune: dict, base: dict | None = None) -> Path:
     path = folder / "tiny.yaml"
-    tune = {"workers_per_trial": 2, "cpus_per_worker": 0.5, "max_concurrent_trials": 1, **tune}
+    # One worker a trial: these tests are about pruning and resume; 2-worker trials are the
+    # session's tiny job (tests/conftest.py).
+    tune = {"workers_per_trial": 1, "cpus_per_worker": 0.5, "max_concurrent_trials": 1, **tune}
     path.write_text(yaml.safe_dump({"base": base or TINY_BASE, "search": search, "tune": tune}))
     return path
 
