@@ -55,20 +55,6 @@ TINY_TUNE = ["--set", "tune.num_samples=2", "--set", "base.train.epochs=1",
              "--set", "tune.scheduler.name=fifo"]  # 1 epoch: nothing for ASHA to cut short
 
 
-def tune_store(folder: Path, *overrides: str) -> str:
-    """Run a 2-trial x 1-epoch tuning job of tiny synthetic tiles in `folder` with the CLI;
-    returns the store's tracking URI."""
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    done = subprocess.run(
-        [str(Path(sys.executable).parent / "crackray"), "tune",
-         str(REPO / "search_spaces" / "quickstart.yaml"), *TINY_TUNE, *overrides],
-        cwd=folder, env=env, capture_output=True, text=True, timeout=1500,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    (folder / "tune.stdout").write_text(done.stdout)
-    return f"sqlite:///{folder / 'mlflow.db'}"
-
-
 @dataclass(frozen=True)
 class TuneJob:
     """A finished tiny tuning job: the folder it ran in (its data, Ray results and MLflow
@@ -89,13 +75,24 @@ class TuneJob:
         return TuneJob(self.folder, folder / "mlflow.db")
 
 
+def run_tiny_tune(folder: Path, *overrides: str) -> TuneJob:
+    """Run a 2-trial x 1-epoch tuning job of tiny synthetic tiles in `folder` with the CLI."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "crackray"), "tune",
+         str(REPO / "search_spaces" / "quickstart.yaml"), *TINY_TUNE, *overrides],
+        cwd=folder, env=env, capture_output=True, text=True, timeout=1500,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (folder / "tune.stdout").write_text(done.stdout)
+    return TuneJob(folder, folder / "mlflow.db")
+
+
 @pytest.fixture(scope="session")
 def tiny_tune_job(tmp_path_factory) -> TuneJob:
     """One tiny tuning job for the whole session (minutes of Ray start-up and trials, which
     five modules would otherwise pay each). Read it as is; `.copy()` it to write to it."""
-    folder = tmp_path_factory.mktemp("tiny-tune")
-    tune_store(folder)
-    return TuneJob(folder, folder / "mlflow.db")
+    return run_tiny_tune(tmp_path_factory.mktemp("tiny-tune"))
 
 
 @pytest.fixture()

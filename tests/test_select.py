@@ -18,7 +18,7 @@ from crackray.deploy.select import Candidate, Criterion, run_selection
 from crackray.engine import EvalOutputs
 from crackray.errors import CrackrayError
 from crackray.metrics import best_f1_threshold, classification_metrics
-from tests.conftest import REPO, tune_store
+from tests.conftest import REPO, run_tiny_tune
 
 
 @pytest.fixture(scope="module")
@@ -239,8 +239,8 @@ def test_select_calibrates_the_mask_threshold_of_a_segdec_winner(tmp_path, ray_s
     from crackray.inference import predict_split
     from crackray.tracking import Tracker
 
-    store = tune_store(tmp_path, "--set", "base.model.name=segdec_tiny",
-                       "--set", "base.data.synthetic_n=60", "--set", "tune.num_samples=1")
+    store = run_tiny_tune(tmp_path, "--set", "base.model.name=segdec_tiny",
+                       "--set", "base.data.synthetic_n=60", "--set", "tune.num_samples=1").uri
     result = run_selection(tracking_uri=store, experiment="quickstart", parent_run_id=None,
                            criterion=Criterion(0.0), alias="seg", name="crackray-seg")
     winner = result.winner

@@ -16,9 +16,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from crackray.config import load_experiment
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
 
 TINY_BASE = {
     "data": {
@@ -41,9 +41,9 @@ def write_space(folder: Path, *, search: dict, tune: dict, base: dict | None = N
     return path
 
 
-def runs_of(store: Path, kind: str):
+def runs_of(store: Path, kind: str, experiment: str = "tiny"):
     client = MlflowClient(f"sqlite:///{store}")
-    experiment = client.get_experiment_by_name("tiny")
+    experiment = client.get_experiment_by_name(experiment)
     return client.search_runs(
         [experiment.experiment_id], filter_string=f"tags.`crackray.kind` = '{kind}'"
     )
@@ -53,9 +53,7 @@ def test_a_job_gives_one_parent_and_a_child_run_per_trial(tiny_tune_job):
     """The session's tiny job (`quickstart.yaml`, 2 trials of 1 epoch on 2 workers)."""
     assert "top trials by val/objective" in (tiny_tune_job.folder / "tune.stdout").read_text()
     client = MlflowClient(tiny_tune_job.uri)
-    experiment = client.get_experiment_by_name("quickstart")
-    parents, children = (client.search_runs([experiment.experiment_id],
-                                            filter_string=f"tags.`crackray.kind` = '{kind}'")
+    parents, children = (runs_of(tiny_tune_job.db, kind, "quickstart")
                          for kind in ("tune", "trial"))
     assert len(parents) == 1 and len(children) == 2
     parent = parents[0]
@@ -95,12 +93,14 @@ def test_a_job_gives_one_parent_and_a_child_run_per_trial(tiny_tune_job):
 
 def _values(values) -> tuple[str, ...]:
     """Sampled or logged (string) values, comparable: numbers rounded to 12 digits."""
-    def one(value):
-        try:
-            return f"{float(value):.12g}"
-        except ValueError:
-            return str(value)
-    return tuple(map(one, values))
+    return tuple(map(_comparable, values))
+
+
+def _comparable(value) -> str:
+    try:
+        return f"{float(value):.12g}"
+    except ValueError:
+        return str(value)
 
 
 def test_asha_prunes_a_trial_and_optuna_records_it(tmp_path, cli):

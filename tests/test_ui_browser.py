@@ -39,10 +39,13 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
+from crackray.tracking import DATASET_CONTEXT_TAG  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def store_dir(tiny_tune_job, tmp_path_factory) -> Path:
-    """A folder whose ./mlflow.db (what `crackray ui` opens by default) holds the job."""
+    """A folder whose ./mlflow.db (what `crackray ui` opens by default) holds the job; a copy,
+    as the UI's server opens its store read-write."""
     return tiny_tune_job.copy(tmp_path_factory.mktemp("ui")).db.parent
 
 
@@ -158,7 +161,7 @@ def test_a_run_page_shows_its_datasets_and_logged_model(store_dir, ui_url, brows
     WebDriverWait(browser, 60).until(ec.presence_of_element_located(
         (By.XPATH, f"//*[contains(., '{dataset.name}') and contains(., '{dataset.digest}')]")))
     # The dataset's context as logged ("training"; the UI capitalises it with CSS only).
-    context = next(t.value for t in train_input.tags if t.key == "mlflow.data.context")
+    context = next(t.value for t in train_input.tags if t.key == DATASET_CONTEXT_TAG)
     assert context == "training"
     _wait_text(browser, context)
     heading = WebDriverWait(browser, 60).until(ec.presence_of_element_located(
