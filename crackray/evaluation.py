@@ -54,14 +54,17 @@ def ranking_metrics(outputs: EvalOutputs, prefix: str, min_precision: float) -> 
 
 
 def per_surface_metrics(outputs: EvalOutputs, prefix: str, threshold: float) -> dict[str, float]:
-    """The same metrics for each surface (SDNET: D decks, P pavements, W walls)."""
+    """The same metrics for each surface (SDNET: D decks, P pavements, W walls), and each
+    surface's average precision where it has both classes."""
     out = {}
     for surface in sorted(set(outputs.surfaces.tolist())):
         keep = outputs.surfaces == surface
-        part = EvalOutputs(probs=outputs.probs[keep], targets=outputs.targets[keep])
-        metrics = classification_metrics(part.probs, part.targets, threshold=threshold)
+        probs, targets = outputs.probs[keep], outputs.targets[keep]
+        metrics = classification_metrics(probs, targets, threshold=threshold)
         for key in ("precision", "recall", "f1", "auroc", "accuracy", "samples", "positives"):
             out[f"{prefix}/{surface}/{key}"] = float(metrics[key])
+        if 0 < targets.sum() < len(targets):
+            out[f"{prefix}/{surface}/ap"] = average_precision(probs, targets)
     return out
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sklearn import metrics as skm
 
 from crackray.deploy import select as select_mod
 from crackray.deploy.intervals import METRICS, photo_bootstrap
@@ -214,6 +215,18 @@ def test_select_registers_the_winner_under_the_alias(store, tmp_path, ray_sessio
     for key in ("tp", "fp", "fn", "tn"):
         assert select_run.data.metrics[f"test/{key}"] == expected[key]
     assert result.test["test/recall"] == pytest.approx(expected["recall"], nan_ok=True)
+    # Threshold-free AP beside them, the scores a paper's table gives, overall and per surface.
+    logged = select_run.data.metrics
+    assert logged["test/ap"] == pytest.approx(
+        skm.average_precision_score(test.targets, test.probs), abs=1e-6)
+    for surface in sorted(set(test.surfaces.tolist())):
+        keep = test.surfaces == surface
+        assert logged[f"test/surface/{surface}/f1"] == pytest.approx(classification_metrics(
+            test.probs[keep], test.targets[keep], result.winner.threshold)["f1"])
+        if 0 < test.targets[keep].sum() < keep.sum():
+            assert logged[f"test/surface/{surface}/ap"] == pytest.approx(
+                skm.average_precision_score(test.targets[keep], test.probs[keep]), abs=1e-6)
+    assert "val/ap" in logged and any(key.startswith("val/surface/") for key in logged)
 
     artifacts = {a.path for a in tracker.client.list_artifacts(result.select_run_id, "test")}
     assert "test/confusion_matrix.png" in artifacts

@@ -36,6 +36,7 @@ from crackray.evaluation import (
 )
 from crackray.inference import predict_split
 from crackray.metrics import (
+    average_precision,
     classification_metrics,
     pr_curve,
     threshold_for_min_precision,
@@ -144,6 +145,8 @@ def evaluate_candidate(tracker: Tracker, run, criterion: Criterion) -> Candidate
     candidate.threshold, candidate.closest = criterion.calibrate(val)
     if candidate.eligible:
         candidate.val = classification_metrics(val.probs, val.targets, candidate.threshold)
+        candidate.val["ap"] = average_precision(val.probs, val.targets)
+        candidate.val.update(per_surface_metrics(val, "surface", candidate.threshold))
         if val.seg_probs:
             _, pixel = pixel_split_metrics(val, VAL)
             candidate.val.update({k.removeprefix(f"{VAL}/"): v for k, v in pixel.items()})
@@ -240,6 +243,7 @@ def _test_winner(tracker: Tracker, run_id: str, winner: Candidate) -> tuple[dict
     model, cfg, _ = checkpoints.build_model_from_file(winner.model_file)
     test = predict_split(model, cfg, TEST)
     metrics = split_metrics(test, "test", winner.threshold)
+    metrics["test/ap"] = average_precision(test.probs, test.targets)
     metrics.update(per_surface_metrics(test, "test/surface", winner.threshold))
     if winner.pixel_threshold is not None:
         metrics.update(pixel_split_metrics(test, "test", winner.val["pixel_threshold"],
