@@ -13,6 +13,9 @@ import ray
 # of about 2 s (quickstart trials) every epoch stalled ~0.9 s. A 0.5 s poll costs a few cheap
 # actor calls a second. A value already in the environment wins.
 RAY_ENV_VARS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+# The embedded local Ray is one node that no autoscaler drains, so Train's preemption watcher
+# (one more actor process for every run and trial) has nothing to watch. Clusters keep it.
+LOCAL_RAY_ENV_VARS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 def ensure_ray(address: str | None = None, *, verbose: bool = False) -> None:
@@ -28,12 +31,12 @@ def ensure_ray(address: str | None = None, *, verbose: bool = False) -> None:
     # "local", not None: with None, ray.init attaches to the newest Ray started on this
     # machine by anyone (/tmp/ray/ray_current_cluster), and hangs if that one has died.
     address = address or os.environ.get("RAY_ADDRESS") or "local"
-    env_vars = {key: os.environ.get(key, value) for key, value in RAY_ENV_VARS.items()}
     if address == "local":
         _isolate_local_ray()
-        os.environ.update(env_vars)  # the local Ray's processes inherit this environment
+        set_local_ray_environment()
         runtime_env = None
     else:
+        env_vars = {key: os.environ.get(key, value) for key, value in RAY_ENV_VARS.items()}
         runtime_env = {"env_vars": env_vars}  # merged into a submitted job's own env
     ray.init(
         address=address,
@@ -46,6 +49,13 @@ def ensure_ray(address: str | None = None, *, verbose: bool = False) -> None:
         from ray._private.utils import write_ray_address
 
         write_ray_address(ray.get_runtime_context().gcs_address)
+
+
+def set_local_ray_environment() -> None:
+    """crackray's settings for a local Ray started from this process, which its processes
+    inherit; a value already in the environment wins."""
+    for key, value in {**RAY_ENV_VARS, **LOCAL_RAY_ENV_VARS}.items():
+        os.environ.setdefault(key, value)
 
 
 def _isolate_local_ray() -> None:

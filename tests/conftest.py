@@ -27,9 +27,13 @@ def require(path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_session(tmp_path_factory):
-    """One local Ray for the whole test session, 2 CPUs, temp dir inside pytest's tmp."""
+    """One local Ray for the whole test session, 2 CPUs, temp dir inside pytest's tmp, with
+    the environment crackray gives the local Ray it starts."""
     import ray
 
+    from crackray.runtime import set_local_ray_environment
+
+    set_local_ray_environment()
     temp = Path(tempfile_short())
     ray.init(
         num_cpus=2,
