@@ -202,20 +202,34 @@ def _scored_maps(seg_logit: torch.Tensor, batch: dict) -> tuple[list, list]:
     return maps, masks
 
 
-def gather(outputs: EvalOutputs) -> EvalOutputs:
-    """All workers' outputs on every worker (each sample once: the shards are disjoint)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather(outputs: EvalOutputs) -> EvalOutputs | None:
+    """All workers' outputs on rank 0, None on the others (each sample once: the workers'
+    parts are disjoint). Only rank 0 scores an epoch; `broadcast` shares its numbers."""
+    if not _distributed():
         return outputs
-    parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, outputs)
-    return EvalOutputs.concat(parts)
+    parts: list | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(outputs, parts, dst=0)
+    return EvalOutputs.concat(parts) if parts is not None else None
+
+
+def broadcast(value):
+    """Rank 0's `value` on every worker (what the others pass is ignored)."""
+    if not _distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def broadcast_buffers(model: torch.nn.Module) -> None:
     """Copy rank 0's buffers (BatchNorm running statistics) to every worker. DDP keeps the
     weights equal, but each worker's last training forward updated its own running stats, so
     without this the workers would evaluate slightly different models."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _distributed():
         return
     for buffer in model.buffers():
         dist.broadcast(buffer.data, src=0)

@@ -4,10 +4,10 @@ A tile is predicted crack when its probability is >= the threshold: the conventi
 precision-recall curves, so a threshold read off a curve reproduces that curve's point.
 torchmetrics thresholds with `>`, so hard predictions are made here and passed to it as ints.
 
-Tile metrics use torchmetrics (the same code on every worker and in the tests' reference
-checks); pixel metrics for segmentation maps use numpy/scipy with a distance tolerance,
-because hand-drawn crack masks are only accurate to a pixel or two: crackray's symmetric one
-and, to stand beside published tables, the SegDec papers' protocol.
+Tile metrics use torchmetrics (the same code on a Train worker's rank 0, in `select` and in
+the tests' reference checks); pixel metrics for segmentation maps use numpy/scipy with a
+distance tolerance, because hand-drawn crack masks are only accurate to a pixel or two:
+crackray's symmetric one and, to stand beside published tables, the SegDec papers' protocol.
 """
 
 from __future__ import annotations
@@ -16,20 +16,18 @@ import warnings
 
 import numpy as np
 import torch
-from torchmetrics.functional.classification import (
-    binary_accuracy,
-    binary_auroc,
-    binary_average_precision,
-    binary_confusion_matrix,
-    binary_f1_score,
-    binary_precision,
-    binary_precision_recall_curve,
-    binary_recall,
-    binary_roc,
-)
 
 # ---------------------------------------------------------------------------------------------
 # Tile (image-level) metrics
+
+
+def _tm():
+    """torchmetrics' binary classification functions, imported on first use: importing
+    torchmetrics loads torchvision and torch._dynamo (~2.7 s of CPU here), which a process that
+    never scores, e.g. every Train worker but rank 0, should not pay at start-up."""
+    from torchmetrics.functional import classification
+
+    return classification
 
 
 def _as_tensors(probs, targets) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,12 +54,12 @@ def classification_metrics(probs, targets, threshold: float = 0.5) -> dict:
     preds = _predict(probs, threshold)
     positives = int(targets.sum())
     negatives = targets.numel() - positives
-    tn, fp, fn, tp = binary_confusion_matrix(preds, targets).flatten().tolist()
+    tn, fp, fn, tp = _tm().binary_confusion_matrix(preds, targets).flatten().tolist()
     out = {
-        "accuracy": binary_accuracy(preds, targets).item(),
-        "precision": binary_precision(preds, targets).item(),
-        "recall": binary_recall(preds, targets).item(),
-        "f1": binary_f1_score(preds, targets).item(),
+        "accuracy": _tm().binary_accuracy(preds, targets).item(),
+        "precision": _tm().binary_precision(preds, targets).item(),
+        "recall": _tm().binary_recall(preds, targets).item(),
+        "f1": _tm().binary_f1_score(preds, targets).item(),
         "auroc": float("nan"),
         "tp": tp,
         "fp": fp,
@@ -87,7 +85,7 @@ def classification_metrics(probs, targets, threshold: float = 0.5) -> dict:
         )
         out["recall"] = float("nan")
     else:
-        out["auroc"] = binary_auroc(probs, targets).item()
+        out["auroc"] = _tm().binary_auroc(probs, targets).item()
     return out
 
 
@@ -97,21 +95,21 @@ def average_precision(probs, targets) -> float:
     positives = int(targets.sum())
     if positives == 0 or positives == targets.numel():
         return float("nan")
-    return binary_average_precision(probs, targets).item()
+    return _tm().binary_average_precision(probs, targets).item()
 
 
 def confusion_matrix(probs, targets, threshold: float = 0.5) -> list[list[int]]:
     """[[tn, fp], [fn, tp]]: rows are the true class, columns the predicted class, both in the
     order [no_crack, crack] (scikit-learn's layout with labels=[0, 1])."""
     probs, targets = _as_tensors(probs, targets)
-    return binary_confusion_matrix(_predict(probs, threshold), targets).tolist()
+    return _tm().binary_confusion_matrix(_predict(probs, threshold), targets).tolist()
 
 
 def _pr_points(probs, targets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(precision, recall, threshold) per candidate threshold, without the curve's end point
     (precision 1, recall 0), which has no threshold."""
     probs, targets = _as_tensors(probs, targets)
-    precision, recall, thresholds = binary_precision_recall_curve(probs, targets)
+    precision, recall, thresholds = _tm().binary_precision_recall_curve(probs, targets)
     n = thresholds.numel()
     return precision[:n].numpy(), recall[:n].numpy(), thresholds.numpy()
 
@@ -151,13 +149,13 @@ def threshold_for_min_recall(probs, targets, min_recall: float):
 def pr_curve(probs, targets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(precision, recall, thresholds) for plotting; precision and recall end at (1, 0)."""
     probs, targets = _as_tensors(probs, targets)
-    return tuple(t.numpy() for t in binary_precision_recall_curve(probs, targets))
+    return tuple(t.numpy() for t in _tm().binary_precision_recall_curve(probs, targets))
 
 
 def roc_curve(probs, targets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(false-positive rate, true-positive rate, thresholds) for plotting."""
     probs, targets = _as_tensors(probs, targets)
-    return tuple(t.numpy() for t in binary_roc(probs, targets))
+    return tuple(t.numpy() for t in _tm().binary_roc(probs, targets))
 
 
 # Pixel metrics live in their own module; these names are part of crackray.metrics' API.

@@ -1,12 +1,12 @@
 """Validation on 2 Ray Train workers counts every sample exactly once, and its metrics equal
 an independent single-process computation with scikit-learn (crack = positive class).
 
-The validation splits here have an odd size (481 real SDNET2018 tiles, or 133 synthetic ones
-where ../shared/data is absent), so the two workers' shards cannot be equal: padding or
-dropping rows to even them out would show up here. Each split spans several decoded blocks,
-the unit in which Ray hands rows to the workers, so both workers score rows. A real 2-worker
-training run with a BatchNorm model then checks that the metrics it logs belong to the
-checkpoint it saves.
+Each worker reads its own part of the validation split (`inference.split_batches` with its
+rank). The splits here have an odd size (481 real SDNET2018 tiles, or 133 synthetic ones
+where ../shared/data is absent) and span several Parquet row groups, so the two parts cannot be
+equal and one of them crosses a row-group boundary: padding or dropping rows to even them out,
+or a row read twice at a boundary, would show up here. A real 2-worker training run with a
+BatchNorm model then checks that the metrics it logs belong to the checkpoint it saves.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,26 +26,19 @@ from torch import nn
 
 from crackray import checkpoints
 from crackray.config import RunConfig
-from crackray.data.pipeline import (
-    DECODE_BATCH,
-    VAL,
-    ExactEvalDataConfig,
-    build_dataset,
-    iterate_batches,
-)
+from crackray.data import shards
 from crackray.data.prepare import prepare_sdnet2018, prepare_synthetic
-from crackray.data.shards import read_split_table
+from crackray.data.shards import read_split_table, split_files
+from crackray.data.splits import VAL
 from crackray.engine import EvalOutputs, Objective, evaluate, gather
 from crackray.evaluation import split_metrics
-from crackray.inference import predict_split
+from crackray.inference import predict_split, split_batches
 from crackray.metrics import classification_metrics
 from crackray.train.driver import run_training
 from tests.conftest import SDNET
 
 pytestmark = pytest.mark.slow
-# 133 in validation: odd, and over 2 x DECODE_BATCH rows, i.e. at least two decoded blocks
-# (a smaller split is decoded in one task, one block, and scored by one worker).
-SYNTHETIC_TILES = 880
+SYNTHETIC_TILES = 880  # 133 in validation: odd
 
 
 def validate_per_worker(config: dict) -> None:
@@ -52,11 +46,13 @@ def validate_per_worker(config: dict) -> None:
     import ray.train
 
     cfg = RunConfig.model_validate(config["run"])
-    rank = ray.train.get_context().get_world_rank()
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
     torch.manual_seed(0)  # the same weights on both workers, as after DDP's broadcast
     model = _model(cfg)
     objective = Objective(cfg, 1.0, segmentation=False)
-    batches = iterate_batches(ray.train.get_dataset_shard(VAL), 16, torch.device("cpu"))
+    batches = split_batches(cfg, VAL, 16, torch.device("cpu"), rank=rank,
+                            world_size=context.get_world_size())
     local = evaluate(model, batches, objective)
     everything = gather(local)
     out = Path(config["out"])
@@ -76,10 +72,12 @@ def _model(cfg: RunConfig):
 @pytest.fixture(scope="module")
 def sdnet_val(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp") / "split"
-    if SDNET.exists():
-        prepare_sdnet2018(SDNET, out, seed=0)
-    else:  # CI without ../shared: synthetic tiles, 133 in validation
-        prepare_synthetic(out, n=SYNTHETIC_TILES, seed=0, image_size=64)
+    with pytest.MonkeyPatch.context() as patch:  # the parts start and end inside row groups
+        patch.setattr(shards, "ROW_GROUP_SIZE", 50)
+        if SDNET.exists():
+            prepare_sdnet2018(SDNET, out, seed=0)
+        else:  # CI without ../shared: synthetic tiles, 133 in validation
+            prepare_synthetic(out, n=SYNTHETIC_TILES, seed=0, image_size=64)
     cfg = RunConfig.model_validate({"data": {"path": str(out), "image_size": 32},
                                     "model": {"name": "test_tiny"}})
     return cfg, read_split_table(out, VAL, ["path", "label"]).to_pydict()
@@ -94,14 +92,13 @@ def test_two_worker_validation_counts_each_sample_once_and_matches_sklearn(
     # The workers cannot import this test module: ship its functions by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     cfg, table = sdnet_val
-    assert len(table["path"]) % 2 == 1  # odd: the two shards must differ in size
+    assert len(table["path"]) % 2 == 1  # odd: the two parts must differ in size
+    assert sum(pq.ParquetFile(f).num_row_groups for f in split_files(cfg.data.path, VAL)) > 2
     trainer = ray.train.torch.TorchTrainer(
         validate_per_worker,
         train_loop_config={"run": cfg.model_dump(), "out": str(tmp_path)},
         scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
         run_config=ray.train.RunConfig(name="ddp-metrics", storage_path=str(tmp_path / "ray")),
-        datasets={VAL: build_dataset(cfg, VAL)},
-        dataset_config=ExactEvalDataConfig(),
     )
     trainer.fit()
 
@@ -112,6 +109,7 @@ def test_two_worker_validation_counts_each_sample_once_and_matches_sklearn(
     shards = [json.loads((tmp_path / f"rank-{r}.json").read_text())["paths"] for r in (0, 1)]
     assert sorted(shards[0] + shards[1]) == sorted(table["path"])
     assert not set(shards[0]) & set(shards[1])
+    assert abs(len(shards[0]) - len(shards[1])) == 1
     truth = dict(zip(table["path"], table["label"], strict=True))
     probs, targets = gathered["probs"], gathered["targets"]
     assert targets.tolist() == [truth[p] for p in paths]
@@ -119,8 +117,7 @@ def test_two_worker_validation_counts_each_sample_once_and_matches_sklearn(
     # An independent single process predicts the same probabilities for the same tiles.
     model = _model(cfg)
     model.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
-    single = evaluate(model, iterate_batches(build_dataset(cfg, VAL), 64, torch.device("cpu")),
-                      Objective(cfg, 1.0, segmentation=False))
+    single = predict_split(model, cfg, VAL)
     by_path = dict(zip(single.paths.tolist(), single.probs.tolist(), strict=True))
     np.testing.assert_allclose(probs, [by_path[p] for p in paths], rtol=1e-4, atol=1e-6)
 
@@ -150,26 +147,49 @@ def test_two_worker_validation_counts_each_sample_once_and_matches_sklearn(
     assert val["val/loss"] == pytest.approx(expected_loss, rel=1e-4)
 
 
-def test_two_worker_training_logs_the_metrics_of_the_checkpoint_it_saves(ray_session, tmp_path):
-    """BatchNorm: each worker's last training forward moves its own running statistics, so
-    unless rank 0's buffers reach every rank before evaluation, the two halves of the
-    validation split are scored by two different models, neither of them the saved one."""
-    prepare_synthetic(tmp_path / "data", n=SYNTHETIC_TILES, seed=0, image_size=32)
+@pytest.fixture(scope="module")
+def batchnorm_run(ray_session, tmp_path_factory):
+    """A real 2-worker `crackray train` run of a BatchNorm model on the session's local Ray,
+    and the class names of the actors it started."""
+    import ray._private.state
+
+    folder = tmp_path_factory.mktemp("bn")
+    prepare_synthetic(folder / "data", n=SYNTHETIC_TILES, seed=0, image_size=32)
     cfg = RunConfig.model_validate({
-        "data": {"path": str(tmp_path / "data"), "image_size": 32},
+        "data": {"path": str(folder / "data"), "image_size": 32},
         "model": {"name": "simple_cnn"},
         "optim": {"lr": 1e-2, "scheduler": "none"},
         "train": {"epochs": 1, "workers": 2, "batch_size": 16},
-        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        "tracking": {"uri": f"sqlite:///{folder / 'mlflow.db'}"},
     })
-    result = run_training(cfg, storage_path=str(tmp_path / "ray_results"), experiment="bn")
+    before = set(ray._private.state.actors())
+    result = run_training(cfg, storage_path=str(folder / "ray_results"), experiment="bn")
+    started = Counter(info["ActorClassName"]
+                      for actor, info in ray._private.state.actors().items()
+                      if actor not in before)
+    return result, started
 
+
+def test_a_training_run_starts_no_actor_it_does_not_need(batchnorm_run):
+    """Every actor process costs a trial seconds of start-up (README "Performance"): the
+    workers read their own data, so no Ray Data split coordinator; the local Ray is one node
+    nobody drains, so no preemption watcher."""
+    _, started = batchnorm_run
+    assert started["RayTrainWorker"] == 2 and started["TrainController"] == 1, started
+    for unneeded in ("SplitCoordinator", "PreemptionWatcher"):
+        assert started[unneeded] == 0, started
+
+
+def test_two_worker_training_logs_the_metrics_of_the_checkpoint_it_saves(batchnorm_run):
+    """BatchNorm: each worker's last training forward moves its own running statistics, so
+    unless rank 0's buffers reach every rank before evaluation, the two halves of the
+    validation split are scored by two different models, neither of them the saved one."""
+    result, _ = batchnorm_run
     model, saved_cfg, payload = checkpoints.build_model_from_file(result.best_model)
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     single = predict_split(model, saved_cfg, VAL)  # one process, no Ray
     samples = len(single.targets)
-    assert samples % 2 == 1  # odd: the workers' shards differ in size
-    assert samples > 2 * DECODE_BATCH  # several blocks: rank 1 scores rows too
+    assert samples % 2 == 1  # odd: the workers' parts differ in size
     logged = result.history[payload["epoch"]]
     assert logged["val/samples"] == samples
     assert logged["val/loss"] == pytest.approx(single.loss_sum / samples, rel=1e-5)

@@ -8,16 +8,19 @@ must match what an epoch really contains."""
 from __future__ import annotations
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 from scipy import stats
 
 from crackray.config import RunConfig, run_config_from_dict
+from crackray.data import shards
 from crackray.data.epochs import training_epoch
-from crackray.data.pipeline import build_dataset
 from crackray.data.prepare import prepare_sdnet2018
-from crackray.data.shards import read_split_table
+from crackray.data.shards import read_split_table, split_files
 from crackray.errors import ConfigError
+from crackray.inference import split_batches
 from crackray.losses import resolve_pos_weight
 
 pytestmark = pytest.mark.slow
@@ -37,7 +40,9 @@ def data(tmp_path_factory, ray_session):
                 pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(source / "D" / folder / f"{photo}-{tile}.jpg")
     out = source.parent / "data"
-    prepare_sdnet2018(source, out, seed=1)
+    with pytest.MonkeyPatch.context() as patch:  # several row groups in every split
+        patch.setattr(shards, "ROW_GROUP_SIZE", 8)
+        prepare_sdnet2018(source, out, seed=1)
     return out
 
 
@@ -103,12 +108,32 @@ def test_augmentation_is_seeded_per_row_and_epoch(data):
     assert np.mean(changed) > 0.9  # flips and rotations leave a few symmetric tiles as they were
 
 
-def test_validation_is_the_stored_order_with_unaugmented_pixels(data):
+def validation_part(cfg, rank=0, world_size=1) -> dict[str, np.ndarray]:
+    """What Train worker `rank` of `world_size` validates on, path -> model input."""
+    return {path: image
+            for batch in split_batches(cfg, "val", BATCH // 4, torch.device("cpu"), rank=rank,
+                                       world_size=world_size)
+            for path, image in zip(batch["path"], batch["image"], strict=True)}
+
+
+def test_validation_parts_split_the_stored_order_between_workers(data):
+    """Each Train worker reads its own part of validation. For any number of workers the parts
+    are disjoint, within one row of each other in size, and in rank order they are the split in
+    its stored order, with the pixels of a single read (no augmentation, the same every time)."""
     cfg = config(data, data={"augment": 1.0})
     stored = read_split_table(data, "val", ["path"]).column("path").to_pylist()
-    first, again = (images_by_path(build_dataset(cfg, "val")) for _ in range(2))
-    assert list(first) == list(again) == stored  # no shuffle, every row once, in order
-    assert all(np.array_equal(first[path], again[path]) for path in first)  # no augmentation
+    row_groups = sum(pq.ParquetFile(f).num_row_groups for f in split_files(data, "val"))
+    assert row_groups > 2  # the parts start and end inside row groups
+    whole = validation_part(cfg)
+    assert list(whole) == stored
+    for world_size in (2, 3, 5):
+        parts = [validation_part(cfg, rank, world_size) for rank in range(world_size)]
+        assert [path for part in parts for path in part] == stored
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+        assert all(np.array_equal(image, whole[path])
+                   for part in parts for path, image in part.items())
+    with pytest.raises(ValueError, match="rank 2 is outside 0..1"):
+        validation_part(cfg, 2, 2)
 
 
 def test_workers_take_disjoint_equal_shares_of_the_epoch(data):

@@ -30,7 +30,8 @@ def bench_ingest(data: str | Path, *, batch_size: int = 32, image_size: int = 22
     """Alternating epochs, `repeats` per side, after one warm-up epoch each; then one untimed
     epoch per side for peak memory."""
     from crackray.data.epochs import training_epoch
-    from crackray.data.pipeline import TRAIN, iterate_batches
+    from crackray.data.pipeline import iterate_batches
+    from crackray.data.splits import TRAIN
 
     cfg = bench_config(data, image_size=image_size, batch_size=batch_size)
     limits = ceilings(cfg.data.path, image_size, cfg.data.augment)

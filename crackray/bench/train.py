@@ -35,12 +35,14 @@ def _epoch_record(stats: dict, epoch: int) -> dict:
 
 
 def _ray_train_loop(config: dict) -> list[dict]:
-    """crackray's Train worker loop, trimmed to training: shard -> iterate_batches ->
-    engine.train_one_epoch. Returns the per-epoch samples and seconds."""
+    """crackray's Train worker loop, trimmed to training: the worker's own shuffled epoch
+    (epochs.training_epoch) -> iterate_batches -> engine.train_one_epoch. Returns the
+    per-epoch samples and seconds."""
     import ray.train
     import ray.train.torch
 
-    from crackray.data.pipeline import TRAIN, iterate_batches
+    from crackray.data.epochs import training_epoch
+    from crackray.data.pipeline import iterate_batches
     from crackray.engine import train_one_epoch
 
     cfg = RunConfig.model_validate(config["run"])
@@ -53,8 +55,10 @@ def _ray_train_loop(config: dict) -> list[dict]:
     model = ray.train.torch.prepare_model(model)
     history = []
     for epoch in range(cfg.train.epochs):
-        batches = iterate_batches(ray.train.get_dataset_shard(TRAIN), cfg.train.batch_size,
-                                  device)
+        rows = training_epoch(cfg, epoch)  # one worker: the whole epoch
+        if config["limit"] is not None:
+            rows = rows.limit(config["limit"])
+        batches = iterate_batches(rows, cfg.train.batch_size, device)
         with GpuUtilisation(enabled=device.type == "cuda") as utilisation:
             stats = train_one_epoch(model, batches, objective, optimizer, epoch=epoch,
                                     epochs=cfg.train.epochs, grad_clip=cfg.train.grad_clip,
@@ -68,28 +72,20 @@ def ray_fit(cfg: RunConfig, limit: int | None, storage: str, use_gpu: bool = Fal
     import ray.train
     import ray.train.torch
 
-    from crackray.data.epochs import training_epoch
-    from crackray.data.pipeline import TRAIN, ExactEvalDataConfig
-
-    dataset = training_epoch(cfg, 0)  # one worker: the whole shuffled epoch
-    if limit is not None:
-        dataset = dataset.limit(limit)
     resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     trainer = ray.train.torch.TorchTrainer(
         _ray_train_loop,
-        train_loop_config={"run": cfg.model_dump()},
+        train_loop_config={"run": cfg.model_dump(), "limit": limit},
         scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(name=f"bench-{time.time_ns()}", storage_path=storage),
-        datasets={TRAIN: dataset},
-        dataset_config=ExactEvalDataConfig(),
     )
     return trainer.fit().return_value
 
 
 def _plain_fit(cfg: RunConfig, limit: int | None, device: torch.device) -> list[dict]:
     """The same epochs in one process: decode and augment inline, then the same train step."""
-    from crackray.data.pipeline import TRAIN
+    from crackray.data.splits import TRAIN
     from crackray.engine import train_one_epoch
 
     model, objective, optimizer = training_parts(cfg, device)

@@ -7,17 +7,16 @@ import hashlib
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray.data
 
 from crackray.config import RunConfig
+from crackray.data.batches import COLUMNS, MASK_COLUMNS
 from crackray.data.composition import positive_repeats
-from crackray.data.pipeline import decoded, read_shards
+from crackray.data.pipeline import DECODE_BATCH, decoded, from_blocks
 from crackray.data.shards import read_split_table, split_files
 from crackray.data.splits import TRAIN
 from crackray.sampling import frequency_sampler
-
-_KEY_LIMIT = 2**63  # 63-bit keys: they fit Arrow's int64
-_UNSIGNED_64 = 2**64 - 1  # numpy seeds are non-negative; train.seed may be any int
 
 
 def training_epoch(
@@ -30,21 +29,21 @@ def training_epoch(
     crack-free rows: all, the frequency sampler's draw for the epoch, or none without
     `use_negatives` (`composition.epoch_composition` counts the same rows). Each row (and
     repeat) gets a key, a keyed hash of its path, repeat index, `train.seed` and the epoch;
-    worker r takes the r-th of `world_size` equal runs of the epoch in key order (the
-    remainder dropped, so every worker takes the same number of steps): a fresh uniform
-    random partition each epoch. Its run is then shuffled by Ray Data (`random_shuffle`, a
-    global shuffle at any size, seeded by (train.seed, epoch, rank)) before decoding, so the
-    shuffle moves encoded bytes (~10 KB a tile, ~15x less than decoded). The key also seeds
-    the row's augmentation. Everything is a function of (train.seed, epoch, rank, world size):
-    epoch e visits the same rows in the same order whenever it runs, resumed or not.
+    sorted by key the epoch is in a fresh uniform random order, and worker r takes the r-th of
+    `world_size` equal runs of it (the remainder dropped, so every worker takes the same number
+    of steps). The key also seeds the row's augmentation. Everything is a function of
+    (train.seed, epoch, rank, world size): epoch e visits the same rows in the same order
+    whenever it runs, resumed or not.
 
+    The worker reads the encoded rows of its run itself (a row group at a time, ~10 KB a tile,
+    keeping only its own), puts them in key order into Ray's object store in blocks of
+    `DECODE_BATCH`, and Ray Data decodes and augments those blocks in parallel tasks, in order.
     Why not one Dataset that Ray Train splits: `prepare` writes splits sorted by path, so the
-    order must change globally every epoch, and Ray Data's per-execution reseeding
-    (`RandomSeedConfig(reseed_after_execution=True)`) counts executions in the process that
-    runs them: after a restart, epoch k would get epoch 0's order. One Dataset per epoch for
-    Train to split costs a split-coordinator actor per epoch (~290 MB each, alive until the
-    run ends). Here each worker reads the whole split's encoded rows to pick its own, a small
-    cost next to decoding them.
+    order must change globally every epoch, and Ray Data's per-execution reseeding counts
+    executions in the process that runs them (after a restart epoch k would get epoch 0's
+    order); a split also costs a coordinator actor per epoch. Why not Ray Data's
+    `random_shuffle` of read blocks: four stages (read, select, shuffle map and reduce) to
+    start every epoch, against one here (`crackray bench trial`, README "Performance").
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
@@ -53,13 +52,14 @@ def training_epoch(
     labels = table.column("label").to_numpy()
     n_pos, n_neg = int((labels == 1).sum()), int((labels == 0).sum())
     sampler = frequency_sampler(cfg)  # None unless data.frequency_sampling
-    selection = {
-        "repeats": positive_repeats(cfg, n_pos, n_neg),
-        "negatives": cfg.data.use_negatives,
-        "selected": sampler.selections(epoch + 1)[epoch] if sampler else None,
-    }
-    index, copies = _epoch_index(labels, paths, **selection)
-    keys = np.sort(_row_keys(paths[index], copies, cfg.train.seed, epoch))
+    index, copies = _epoch_index(
+        labels,
+        paths,
+        repeats=positive_repeats(cfg, n_pos, n_neg),
+        negatives=cfg.data.use_negatives,
+        selected=sampler.selections(epoch + 1)[epoch] if sampler else None,
+    )
+    keys = _row_keys(paths[index], copies, cfg.train.seed, epoch)
     if len(np.unique(keys)) < len(keys):  # 63-bit keys: ~1e-8 odds at a million rows
         raise RuntimeError(f"two training rows share an order key in epoch {epoch}: reseed")
     share = len(keys) // world_size
@@ -67,21 +67,29 @@ def training_epoch(
         raise ValueError(
             f"epoch {epoch} has {len(keys)} training rows, fewer than {world_size} workers"
         )
-    low = 0 if rank == 0 else int(keys[rank * share])
-    high = int(keys[(rank + 1) * share]) if (rank + 1) * share < len(keys) else _KEY_LIMIT
-    mine = read_shards(split_files(cfg.data.path, TRAIN), with_masks).map_batches(
-        _epoch_rows,
-        batch_size=None,
-        batch_format="pyarrow",
-        zero_copy_batch=True,
-        fn_kwargs={**selection, "seed": cfg.train.seed, "epoch": epoch, "low": low, "high": high},
-    )
-    # Seeded, Ray's random_shuffle is a pure function of its input blocks (a fixed read of
-    # fixed files). Sorting by `key` would fix the order too, but Ray 2.60's sort waited ~30 s
-    # before reading here: 33-46 s for an epoch of the SDNET subset against 9-11 s.
-    seed = np.random.SeedSequence([cfg.train.seed & _UNSIGNED_64, epoch, rank])
-    shuffled = mine.random_shuffle(seed=int(seed.generate_state(1)[0]))
-    return decoded(shuffled, cfg, train=True, with_masks=with_masks)
+    mine = np.argsort(keys, kind="stable")[rank * share:(rank + 1) * share]  # in key order
+    rows = _read_rows(cfg.data.path, index[mine], with_masks).append_column(
+        "key", pa.array(keys[mine]))
+    blocks = [rows.slice(start, DECODE_BATCH) for start in range(0, len(rows), DECODE_BATCH)]
+    return decoded(from_blocks(blocks), cfg, train=True, with_masks=with_masks)
+
+
+def _read_rows(data_path: str, rows: np.ndarray, with_masks: bool) -> pa.Table:
+    """Rows of the training split by position (repeats allowed), in the order given, read a
+    row group at a time so that memory holds only the rows kept."""
+    columns = COLUMNS + (MASK_COLUMNS if with_masks else [])
+    wanted = np.sort(np.unique(rows))
+    parts, offset = [], 0
+    for path in split_files(data_path, TRAIN):
+        parquet = pq.ParquetFile(path)
+        for group in range(parquet.num_row_groups):
+            size = parquet.metadata.row_group(group).num_rows
+            here = wanted[(wanted >= offset) & (wanted < offset + size)]
+            if len(here):
+                table = parquet.read_row_group(group, columns=columns)
+                parts.append(table.take(pa.array(here - offset)))
+            offset += size
+    return pa.concat_tables(parts).take(pa.array(np.searchsorted(wanted, rows)))
 
 
 def _epoch_index(
@@ -123,25 +131,3 @@ def _row_keys(paths, copies, seed: int, epoch: int) -> np.ndarray:
         dtype=np.int64,
         count=len(paths),
     )
-
-
-def _epoch_rows(
-    block: pa.Table,
-    *,
-    repeats: int,
-    negatives: bool,
-    selected: frozenset[str] | None,
-    seed: int,
-    epoch: int,
-    low: int,
-    high: int,
-) -> pa.Table:
-    """One block's rows of the epoch whose key falls in this worker's [low, high), with `key`."""
-    paths = np.asarray(block.column("path").to_pylist(), dtype=object)
-    labels = block.column("label").to_numpy()
-    index, copies = _epoch_index(
-        labels, paths, repeats=repeats, negatives=negatives, selected=selected
-    )
-    keys = _row_keys(paths[index], copies, seed, epoch)
-    mine = (keys >= low) & (keys < high)
-    return block.take(pa.array(index[mine])).append_column("key", pa.array(keys[mine]))

@@ -1,10 +1,10 @@
 """Ray Data ingest: Parquet shards -> decode + resize + augment (map_batches) -> Train workers.
 
-Evaluation: the driver builds one Dataset per split (`build_dataset`), Ray Train hands each
-worker its shard (`get_dataset_shard`). Training: every worker builds its own part of each
-epoch (`epochs.training_epoch`): the epoch's rows in a fresh uniform random order that depends only
-on (train.seed, epoch), so that a resumed run repeats it. `iterate_batches` turns either into
-model-ready torch batches.
+Every worker builds its own part of each training epoch (`epochs.training_epoch`): the
+epoch's rows in a fresh uniform random order that depends only on (train.seed, epoch), so that
+a resumed run repeats it; `iterate_batches` turns it into model-ready torch batches.
+Evaluation splits are small next to an epoch and each worker reads its own part of them in
+process (`inference.split_batches`).
 """
 
 from __future__ import annotations
@@ -12,13 +12,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
+import pyarrow as pa
 import ray.data
-import ray.train
 
 from crackray.config import RunConfig
 from crackray.data.batches import COLUMNS, MASK_COLUMNS, prepare_batch, to_torch
-from crackray.data.shards import read_split_table, split_files
-from crackray.data.splits import TEST, TRAIN, VAL  # noqa: F401 (re-exported)
+from crackray.data.shards import read_split_table
 
 DECODE_BATCH = 64  # rows per map_batches call: large enough to amortise task overhead
 
@@ -42,35 +41,13 @@ def _configure_ray_data() -> None:
     context.op_resource_reservation_enabled = False
 
 
-def read_shards(files: list[str], with_masks: bool) -> ray.data.Dataset:
-    """The encoded rows of Parquet shards as a Ray Dataset, in file order."""
+def from_blocks(blocks: list[pa.Table]) -> ray.data.Dataset:
+    """In-memory Arrow tables as a Ray Dataset of one block each, whose blocks leave in the
+    order given, not in task completion order: the same rows in the same order every time."""
     _configure_ray_data()
-    columns = COLUMNS + (MASK_COLUMNS if with_masks else [])
-    # Ray 2.60's DataSourceV2 Parquet reader lists files and reads footers in freshly started
-    # actors on every execution, i.e. every epoch: 5-25 s of process start-up per epoch on a
-    # small machine (`crackray bench ingest`). The V1 reader reads footers once, here.
-    context = ray.data.DataContext.get_current()
-    previous = getattr(context, "use_datasource_v2", False)
-    context.use_datasource_v2 = False
-    try:
-        ds = ray.data.read_parquet(files, columns=columns)
-    finally:
-        context.use_datasource_v2 = previous
-    # Blocks leave in their order, not in task completion order: the same rows reach the same
-    # worker in the same order every time (`ExactEvalDataConfig` keeps this for Train).
+    ds = ray.data.from_arrow(blocks)
     ds.context.execution_options.preserve_order = True
     return ds
-
-
-def build_dataset(cfg: RunConfig, split: str, *, with_masks: bool = False) -> ray.data.Dataset:
-    """The Ray Dataset of an evaluation split in its stored order, decoded, not augmented.
-    Training epochs come from `epochs.training_epoch`."""
-    return decoded(
-        read_shards(split_files(cfg.data.path, split), with_masks),
-        cfg,
-        train=False,
-        with_masks=with_masks,
-    )
 
 
 def decoded(ds: ray.data.Dataset, cfg: RunConfig, *, train: bool, with_masks: bool):
@@ -121,27 +98,3 @@ def iterate_batches(shard, batch_size: int, device) -> Iterator[dict]:
     for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy",
                                     prefetch_batches=2):
         yield to_torch(batch, device)
-
-
-class ExactEvalDataConfig(ray.train.DataConfig):
-    """Split training data equally (DDP needs the same number of steps on every worker) but
-    evaluation data with `equal=False`, so that every validation / test row is seen by exactly
-    one worker: no row dropped to even out the shards, none padded in twice.
-
-    Order is preserved: Ray's splitter then hands each block to the worker with the fewest
-    rows so far in block order (locality hints are ignored), so every worker gets the same
-    rows in the same order whenever an epoch runs, a resumed one included."""
-
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        output = [{} for _ in range(world_size)]
-        for name, ds in datasets.items():
-            if ds.name is None:
-                ds.set_name(name)
-            ds = ds.copy(ds)
-            options = self._resolve_execution_options(name)
-            options.preserve_order = True
-            ds.context.execution_options = options
-            splits = ds.streaming_split(world_size, equal=(name == TRAIN))
-            for rank, split in enumerate(splits):
-                output[rank][name] = split
-        return output

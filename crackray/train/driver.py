@@ -17,11 +17,8 @@ import torch
 from crackray import checkpoints
 from crackray.config import RunConfig, save_resolved
 from crackray.data.composition import epoch_rows
-from crackray.data.pipeline import ExactEvalDataConfig, build_dataset
-from crackray.data.splits import VAL
 from crackray.holdout import evaluate_on_test
 from crackray.losses import resolve_pos_weight
-from crackray.models import model_segments
 from crackray.runs import (
     absolute_storage,
     fetch_best_model,
@@ -50,10 +47,9 @@ def build_trainer(
     """The TorchTrainer of one run: workers, datasets, checkpointing and failure policy."""
     n_pos, n_neg = train_counts(manifest)
     rows_per_worker = epoch_rows(cfg, n_pos, n_neg) // cfg.train.workers
-    segments = model_segments(cfg.model.name)
-    # Only validation goes through Ray Train's dataset split: each worker builds its own part
-    # of every training epoch (epochs.training_epoch), reshuffled per epoch.
-    datasets = {VAL: build_dataset(cfg, VAL, with_masks=segments)}
+    # No datasets for Ray Train to split: each worker builds its own part of every training
+    # epoch (epochs.training_epoch, reshuffled per epoch) and reads its own part of the
+    # validation split (inference.split_batches).
     settings = WorkerSettings(
         run=cfg,
         pos_weight=resolve_pos_weight(cfg, n_pos, n_neg),
@@ -82,8 +78,6 @@ def build_trainer(
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=callbacks,
         ),
-        datasets=datasets,
-        dataset_config=ExactEvalDataConfig(),
     )
 
 

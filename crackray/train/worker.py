@@ -1,6 +1,7 @@
 """`train_fn_per_worker`: the Ray Train loop, the same code on every worker. One epoch of
-maths lives in `engine.py`; this file adds the distributed parts (dataset shards, reports),
-with progress and checkpoints in `state.py` and rank-0 tracking in `epoch_log.py`."""
+maths lives in `engine.py`; this file adds the distributed parts (each worker's share of the
+data, reports), with progress and checkpoints in `state.py` and rank-0 tracking in
+`epoch_log.py`."""
 
 from __future__ import annotations
 
@@ -15,8 +16,16 @@ from crackray.config import RunConfig
 from crackray.data.epochs import training_epoch
 from crackray.data.pipeline import iterate_batches
 from crackray.data.splits import VAL
-from crackray.engine import Objective, broadcast_buffers, evaluate, gather, train_one_epoch
+from crackray.engine import (
+    Objective,
+    broadcast,
+    broadcast_buffers,
+    evaluate,
+    gather,
+    train_one_epoch,
+)
 from crackray.evaluation import pixel_split_metrics, ranking_metrics, split_metrics
+from crackray.inference import split_batches
 from crackray.models import create_model, model_segments
 from crackray.optim import Schedule, build_optimizer
 from crackray.scores import OBJECTIVE_KEY, objective
@@ -63,12 +72,14 @@ def train_fn_per_worker(config: dict) -> None:
         # broadcasts too, a collective that hangs when the disjoint evaluation shards give
         # the workers different batch counts.
         broadcast_buffers(checkpoints.unwrap(model))
-        val_batches = iterate_batches(ray.train.get_dataset_shard(VAL),
-                                      cfg.train.eval_batch_size, device)
+        val_batches = _val_batches(cfg, rank, segments, device)
         val = gather(evaluate(checkpoints.unwrap(model), val_batches, objective, epoch=epoch,
                               keep_seg_maps=segments, **steps))
 
-        metrics = _epoch_metrics(cfg, train_stats, val, epoch, segments)
+        # Rank 0 scores the epoch (the others hold no outputs and never load torchmetrics);
+        # every rank records the same numbers, so all agree on the best epoch and on stopping.
+        metrics = broadcast(_epoch_metrics(cfg, train_stats, val, epoch, segments)
+                            if rank == 0 else None)
         improved = state.record(epoch, metrics, metrics[OBJECTIVE_KEY],
                                 cfg.train.early_stopping_min_delta,
                                 cfg.train.early_stopping_patience)
@@ -120,6 +131,15 @@ def _train_batches(cfg: RunConfig, epoch: int, rank: int, segments: bool,
     epoch_rows = training_epoch(cfg, epoch, rank=rank, world_size=world_size,
                                 with_masks=segments)
     return iterate_batches(epoch_rows, cfg.train.batch_size, device)
+
+
+def _val_batches(cfg: RunConfig, rank: int, segments: bool, device: torch.device):
+    """This worker's part of the validation split, read and decoded in the worker itself:
+    an evaluation split is small next to an epoch, and a Ray Data split of it would start a
+    split coordinator actor every run and an executor every epoch (README "Performance")."""
+    world_size = ray.train.get_context().get_world_size()
+    return split_batches(cfg, VAL, cfg.train.eval_batch_size, device, with_masks=segments,
+                         rank=rank, world_size=world_size)
 
 
 def _epoch_metrics(cfg: RunConfig, train_stats: dict, val, epoch: int, segments: bool) -> dict:
