@@ -3,7 +3,6 @@ as PRUNED, and resume after the driver is SIGKILLed."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -90,17 +89,6 @@ def test_a_job_gives_one_parent_and_a_child_run_per_trial(tiny_tune_job):
     best_objective = {c.info.run_id: max(m.value for m in client.get_metric_history(
         c.info.run_id, "val/objective")) for c in children}
     assert best_objective[best_id] == max(best_objective.values())
-
-
-def test_a_finished_trial_hands_its_driver_process_to_the_next(tiny_tune_job):
-    """`reuse_actors`: the second trial runs in the first one's driver process, which has
-    Python, Ray, torch and MLflow loaded already (README "Performance")."""
-    pids = {}
-    for results in (tiny_tune_job.folder / "ray_results").glob("*/*/result.json"):
-        pids[results.parent.name] = {json.loads(line)["pid"]
-                                     for line in results.read_text().splitlines() if line}
-    assert len(pids) == 2, pids
-    assert len(set().union(*pids.values())) == 1, pids
 
 
 def _values(values) -> tuple[str, ...]:

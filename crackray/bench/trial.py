@@ -44,7 +44,7 @@ class _TrialClock:
 
 def _plain_trial(cfg: RunConfig) -> float:
     """Seconds for the trial's epochs (train + validation) in one plain process."""
-    from crackray.data.splits import TRAIN, VAL
+    from crackray.data.pipeline import TRAIN, VAL
     from crackray.engine import evaluate, train_one_epoch
 
     cpu = torch.device("cpu")
@@ -71,7 +71,6 @@ def bench_trial(file: str | Path | None = None, *, trials: int = 2,
 
     from crackray.runs import resolve_data
     from crackray.tracking import Tracker
-    from crackray.tune.job import REUSE_TRIAL_DRIVERS
     from crackray.tune.resources import plan_resources, trial_base
     from crackray.tune.trial import TrialContext, trial_driver
 
@@ -103,8 +102,7 @@ def bench_trial(file: str | Path | None = None, *, trials: int = 2,
         clock = _TrialClock()
         tuner = tune.Tuner(
             tune.with_resources(tune.with_parameters(trial_driver, job=job), plan.driver_bundle),
-            tune_config=tune.TuneConfig(num_samples=trials, max_concurrent_trials=1,
-                                        reuse_actors=REUSE_TRIAL_DRIVERS),
+            tune_config=tune.TuneConfig(num_samples=trials, max_concurrent_trials=1),
             run_config=tune.RunConfig(name=name, storage_path=str(workdir / "ray_results"),
                                       callbacks=[clock], verbose=0),
         )

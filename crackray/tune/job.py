@@ -29,12 +29,6 @@ from crackray.tune.results import TuneSummary, finish_job
 from crackray.tune.space import ConditionalSpace, check_search_values
 from crackray.tune.trial import PrunedAwareOptunaSearch, TrialContext, trial_driver
 
-# A finished trial's driver process (Python, Ray, torch and MLflow loaded) runs the next trial
-# instead of a fresh one: ~11 s a trial here (README "Performance"). Tune reuses a driver only
-# once its trial function has returned (`FunctionTrainable.reset_config` waits 2 s for it, else
-# the actor is replaced), so the Train run of a trial ASHA stopped never shares its process.
-REUSE_TRIAL_DRIVERS = True
-
 
 def run_tuning(
     experiment: ExperimentFile,
@@ -94,7 +88,6 @@ def run_tuning(
                 mode=tcfg.mode,
                 num_samples=tcfg.num_samples,
                 max_concurrent_trials=plan.concurrent_trials,
-                reuse_actors=REUSE_TRIAL_DRIVERS,
                 search_alg=PrunedAwareOptunaSearch(
                     space=ConditionalSpace(experiment.search, base),
                     metric=tcfg.metric,
