@@ -44,7 +44,7 @@ class _TrialClock:
 
 def _plain_trial(cfg: RunConfig) -> float:
     """Seconds for the trial's epochs (train + validation) in one plain process."""
-    from crackray.data.pipeline import TRAIN, VAL
+    from crackray.data.splits import TRAIN, VAL
     from crackray.engine import evaluate, train_one_epoch
 
     cpu = torch.device("cpu")
