@@ -3,6 +3,7 @@ as PRUNED, and resume after the driver is SIGKILLed."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -91,6 +92,23 @@ def test_a_job_gives_one_parent_and_a_child_run_per_trial(tiny_tune_job):
     assert best_objective[best_id] == max(best_objective.values())
 
 
+def driver_pids(job_folder: Path) -> dict[str, set[int]]:
+    """The driver process ids each trial of a Tune job folder reported, by trial folder."""
+    return {
+        results.parent.name: {json.loads(row)["pid"] for row in results.read_text().splitlines()}
+        for results in job_folder.glob("*/result.json")
+    }
+
+
+def test_a_finished_trial_hands_its_driver_process_to_the_next(tiny_tune_job):
+    """`reuse_actors`: the second trial runs in the first one's driver process, which has
+    Python, Ray, torch and MLflow loaded already (README "Performance")."""
+    (parent,) = runs_of(tiny_tune_job.db, "tune", "quickstart")
+    pids = driver_pids(tiny_tune_job.folder / "ray_results" / parent.data.tags["crackray.job_name"])
+    assert len(pids) == 2, pids
+    assert len(set().union(*pids.values())) == 1, pids
+
+
 def _values(values) -> tuple[str, ...]:
     """Sampled or logged (string) values, comparable: numbers rounded to 12 digits."""
     return tuple(map(_comparable, values))
@@ -104,17 +122,18 @@ def _comparable(value) -> str:
 
 
 def test_asha_prunes_a_trial_and_optuna_records_it(tmp_path, cli):
-    # A sane learning rate first, then a tiny one (both fixed starting points, so the test
-    # does not hang on what the sampler draws): one trial at a time, the tiny-lr trial reaches
-    # the first rung with a val/objective (AP) near chance, worse than the first trial's, and
-    # ASHA stops it there.
+    # A sane learning rate first, then a tiny one (fixed starting points, so the test does not
+    # hang on what the sampler draws): one trial at a time, the tiny-lr trial reaches the first
+    # rung with a val/objective (AP) near chance, worse than the first trial's, and ASHA stops
+    # it there. A third trial then runs in the stopped trial's driver process (reuse_actors:
+    # its Train run is aborted first, crackray.tune.reuse).
     space = write_space(
         tmp_path,
         search={"optim.lr": {"type": "categorical", "choices": [1e-7, 1e-2]}},
         tune={
-            "num_samples": 2,  # just the two points below
+            "num_samples": 3,  # just the points below
             "seed": 3,
-            "points_to_evaluate": [{"optim.lr": 1e-2}, {"optim.lr": 1e-7}],
+            "points_to_evaluate": [{"optim.lr": 1e-2}, {"optim.lr": 1e-7}, {"optim.lr": 1e-2}],
             "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
         },
         base={**TINY_BASE, "train": {**TINY_BASE["train"], "epochs": 3}},
@@ -140,6 +159,11 @@ def test_asha_prunes_a_trial_and_optuna_records_it(tmp_path, cli):
     states = [t.state for t in study.trials]
     assert states.count(optuna.trial.TrialState.PRUNED) == len(pruned)
     assert states.count(optuna.trial.TrialState.COMPLETE) == len(children) - len(pruned)
+
+    assert len(children) == 3
+    assert "failed" not in [c.data.tags["crackray.trial_status"] for c in children]
+    pids = driver_pids(tmp_path / "ray_results" / job)
+    assert len(pids) == 3 and len(set().union(*pids.values())) == 1, pids
 
 
 def test_resume_after_sigkill_does_not_rerun_finished_trials(tmp_path):

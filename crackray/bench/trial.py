@@ -72,7 +72,7 @@ def bench_trial(file: str | Path | None = None, *, trials: int = 2,
     from crackray.runs import resolve_data
     from crackray.tracking import Tracker
     from crackray.tune.resources import plan_resources, trial_base
-    from crackray.tune.trial import TrialContext, trial_driver
+    from crackray.tune.trial import TrialContext, trial_trainable
 
     file = Path(file) if file else QUICKSTART
     if not file.exists():
@@ -101,8 +101,9 @@ def bench_trial(file: str | Path | None = None, *, trials: int = 2,
                            parent_run_id=parent, trials_storage=str(workdir / "train_runs"))
         clock = _TrialClock()
         tuner = tune.Tuner(
-            tune.with_resources(tune.with_parameters(trial_driver, job=job), plan.driver_bundle),
-            tune_config=tune.TuneConfig(num_samples=trials, max_concurrent_trials=1),
+            trial_trainable(job, plan.driver_bundle),
+            tune_config=tune.TuneConfig(num_samples=trials, max_concurrent_trials=1,
+                                        reuse_actors=True),
             run_config=tune.RunConfig(name=name, storage_path=str(workdir / "ray_results"),
                                       callbacks=[clock], verbose=0),
         )

@@ -27,7 +27,7 @@ from crackray.tune.progress import TrialPrinter
 from crackray.tune.resources import plan_resources, trial_base
 from crackray.tune.results import TuneSummary, finish_job
 from crackray.tune.space import ConditionalSpace, check_search_values
-from crackray.tune.trial import PrunedAwareOptunaSearch, TrialContext, trial_driver
+from crackray.tune.trial import PrunedAwareOptunaSearch, TrialContext, trial_trainable
 
 
 def run_tuning(
@@ -76,7 +76,7 @@ def run_tuning(
         parent_run_id=parent_run_id,
         trials_storage=f"{storage}/{job_name}/train_runs",
     )
-    trainable = tune.with_resources(tune.with_parameters(trial_driver, job=job), plan.driver_bundle)
+    trainable = trial_trainable(job, plan.driver_bundle)
     job_path = f"{storage}/{job_name}"
     if previous is not None and tune.Tuner.can_restore(job_path):
         tuner = tune.Tuner.restore(job_path, trainable, resume_unfinished=True, resume_errored=True)
@@ -88,6 +88,7 @@ def run_tuning(
                 mode=tcfg.mode,
                 num_samples=tcfg.num_samples,
                 max_concurrent_trials=plan.concurrent_trials,
+                reuse_actors=True,  # crackray.tune.reuse
                 search_alg=PrunedAwareOptunaSearch(
                     space=ConditionalSpace(experiment.search, base),
                     metric=tcfg.metric,

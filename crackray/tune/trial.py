@@ -1,6 +1,7 @@
 """One Tune trial: `trial_driver` builds a `TorchTrainer` of the base config with the
 sampled params and forwards its reports to Tune (the Train V2 pattern; `Tuner(trainer)` is
-deprecated). `PrunedAwareOptunaSearch` tells Optuna which trials ASHA cut short."""
+deprecated), in a driver process that Tune hands to the next trial (`crackray.tune.reuse`).
+`PrunedAwareOptunaSearch` tells Optuna which trials ASHA cut short."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from crackray.config import RunConfig, with_params
 from crackray.runs import log_run_lineage, run_params
 from crackray.tracking import Tracker
 from crackray.train.driver import build_trainer
+from crackray.tune.reuse import StopOnRequest, reusable, stop_flag
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,8 @@ def trial_driver(params: dict, *, job: TrialContext) -> None:
         parent_run_id=job.parent_run_id,
         tags={"crackray.trial_id": trial_id},
     )
+    stop = stop_flag()
+    stop.unlink(missing_ok=True)  # left by a run of an earlier process with this pid
     tracker.log_params(run_id, run_params(cfg, job.manifest))
     log_run_lineage(tracker, run_id, job.manifest, cfg.data.path, parent_run_id=job.parent_run_id)
     trainer = build_trainer(
@@ -52,9 +56,19 @@ def trial_driver(params: dict, *, job: TrialContext) -> None:
         tracking={"uri": tracker.uri, "run_id": run_id},
         name=trial_id,
         storage_path=job.trials_storage,
-        callbacks=[TuneReportCallback()],
+        callbacks=[TuneReportCallback(), StopOnRequest(stop)],
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception:
+        if stop.exists():
+            return  # Tune stopped this trial and aborted its Train run to reuse this process
+        raise
+
+
+def trial_trainable(job: TrialContext, driver_bundle: dict) -> type:
+    """The trainable Tune runs for each trial of `job`, on a driver process it may reuse."""
+    return reusable(tune.with_resources(tune.with_parameters(trial_driver, job=job), driver_bundle))
 
 
 class PrunedAwareOptunaSearch(OptunaSearch):
