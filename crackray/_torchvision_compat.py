@@ -8,11 +8,14 @@ op schema is missing. Defining the two schemas first lets the import go through:
 (crackray decodes with Pillow and needs no detection ops).
 
 This module must be imported before anything imports torchvision; `crackray/__init__.py`
-does so. Where torchvision's extension loads normally it does nothing.
+does so. It acts when torchvision is first imported (an import hook), so that `import
+crackray` does not load torch (the Train controller imports crackray for a callback). Where
+torchvision's extension loads normally it does nothing.
 """
 
 from __future__ import annotations
 
+import importlib.abc
 import importlib.util
 import sys
 
@@ -58,4 +61,15 @@ def ensure_torchvision_importable() -> bool:
     return True
 
 
-ensure_torchvision_importable()
+class _BeforeTorchvision(importlib.abc.MetaPathFinder):
+    """Runs the patch on the first `import torchvision`, then leaves the import to Python."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torchvision":
+            sys.meta_path.remove(self)
+            ensure_torchvision_importable()
+        return None
+
+
+if "torchvision" not in sys.modules:
+    sys.meta_path.insert(0, _BeforeTorchvision())

@@ -32,6 +32,19 @@ def test_torchvision_and_torchmetrics_import_after_crackray():
     assert out.split() == ["(1,", "1000)", "1.0"]
 
 
+def test_importing_crackray_loads_no_torch():
+    # The patch waits for torchvision's import: crackray's light modules (the Train
+    # controller's callback, the CLI's config checks) do not pay torch's import.
+    out = _run(
+        """
+        import sys
+        import crackray.tune.reuse
+        print("torch" in sys.modules, "torchvision" in sys.modules)
+        """
+    )
+    assert out.split() == ["False", "False"]
+
+
 def test_patch_does_nothing_where_the_extension_loads():
     # Simulate a machine whose extension loads by making torch's loader succeed, the one call
     # `_extension_loads` depends on; then no schema may be defined, neither at import nor on
@@ -45,6 +58,8 @@ def test_patch_does_nothing_where_the_extension_loads():
             return hasattr(torch.ops.torchvision, "nms")
         assert "torchvision" not in sys.modules
         assert compat._extension_loads() is True
+        import importlib.util
+        importlib.util.find_spec("torchvision")  # what `import torchvision` asks first
         assert compat._library is None and not defined(), "patched at import"
         assert compat.ensure_torchvision_importable() is False
         assert compat._library is None and not defined(), "patched on a call"
@@ -58,12 +73,15 @@ def test_patch_does_nothing_where_the_extension_loads():
 
 def test_patch_applies_exactly_where_the_extension_fails():
     # On this CPU machine (CPU torch, CUDA torchvision wheel) the extension fails and the
-    # import-time call patches; on a matching install it loads and nothing is patched. Either
-    # way `torchvision::nms` exists afterwards, which is what `import torchvision` needs.
+    # first `import torchvision` patches; on a matching install it loads and nothing is
+    # patched. Either way `torchvision::nms` exists afterwards, which `import torchvision`
+    # needs.
     out = _run(
         """
         import torch
         import crackray._torchvision_compat as compat
+        assert compat._library is None  # nothing yet: torchvision is not imported
+        import torchvision
         print(compat._extension_loads(), compat._library is not None,
               hasattr(torch.ops.torchvision, "nms"))
         """
