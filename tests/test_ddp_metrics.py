@@ -172,11 +172,11 @@ def batchnorm_run(ray_session, tmp_path_factory):
 
 def test_a_training_run_starts_no_actor_it_does_not_need(batchnorm_run):
     """Every actor process costs a trial seconds of start-up (README "Performance"): the
-    workers read their own data, so no Ray Data split coordinator; the local Ray is one node
-    nobody drains, so no preemption watcher."""
+    workers read their own data, so no Ray Data split coordinator and no dataset manager; the
+    local Ray is one node nobody drains, so no preemption watcher."""
     _, started = batchnorm_run
     assert started["RayTrainWorker"] == 2 and started["TrainController"] == 1, started
-    for unneeded in ("SplitCoordinator", "PreemptionWatcher"):
+    for unneeded in ("SplitCoordinator", "DatasetManager", "PreemptionWatcher"):
         assert started[unneeded] == 0, started
 
 

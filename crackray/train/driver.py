@@ -13,6 +13,7 @@ from pathlib import Path
 import ray.train
 import ray.train.torch
 import torch
+from ray.train.v2._internal.callbacks import DatasetsCallback
 
 from crackray import checkpoints
 from crackray.config import RunConfig, save_resolved
@@ -35,6 +36,20 @@ from crackray.train.progress import EpochPrinter
 from crackray.train.worker import WorkerSettings, train_fn_per_worker
 
 
+class CrackrayTrainer(ray.train.torch.TorchTrainer):
+    """A TorchTrainer without Ray Data's per-run `DatasetManager` actor: crackray passes no
+    `datasets` (each worker reads its own data), yet Ray Train starts that actor for every
+    run, one more process booting Python and Ray while the workers start (Ray 2.60). The
+    callback's other job, handing the driver's DataContext to the workers, is not needed:
+    a worker's datasets take their settings from `pipeline._configure_ray_data`."""
+
+    def _create_default_callbacks(self):
+        callbacks = super()._create_default_callbacks()
+        if self.datasets:
+            return callbacks
+        return [cb for cb in callbacks if not isinstance(cb, DatasetsCallback)]
+
+
 def build_trainer(
     cfg: RunConfig,
     manifest: dict,
@@ -43,7 +58,7 @@ def build_trainer(
     name: str,
     storage_path: str,
     callbacks: list | None = None,
-) -> ray.train.torch.TorchTrainer:
+) -> CrackrayTrainer:
     """The TorchTrainer of one run: workers, datasets, checkpointing and failure policy."""
     n_pos, n_neg = train_counts(manifest)
     rows_per_worker = epoch_rows(cfg, n_pos, n_neg) // cfg.train.workers
@@ -62,7 +77,7 @@ def build_trainer(
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
         resources["GPU"] = 1
-    return ray.train.torch.TorchTrainer(
+    return CrackrayTrainer(
         train_fn_per_worker,
         train_loop_config={"settings": settings},
         scaling_config=ray.train.ScalingConfig(
