@@ -37,16 +37,14 @@ from crackray.train.worker import WorkerSettings, train_fn_per_worker
 
 
 class CrackrayTrainer(ray.train.torch.TorchTrainer):
-    """A TorchTrainer without Ray Data's per-run `DatasetManager` actor: crackray passes no
-    `datasets` (each worker reads its own data), yet Ray Train starts that actor for every
+    """A TorchTrainer without Ray Data's per-run `DatasetManager` actor (and so without
+    `datasets`): each worker reads its own data, yet Ray Train starts that actor for every
     run, one more process booting Python and Ray while the workers start (Ray 2.60). The
     callback's other job, handing the driver's DataContext to the workers, is not needed:
     a worker's datasets take their settings from `pipeline._configure_ray_data`."""
 
     def _create_default_callbacks(self):
         callbacks = super()._create_default_callbacks()
-        if self.datasets:
-            return callbacks
         return [cb for cb in callbacks if not isinstance(cb, DatasetsCallback)]
 
 

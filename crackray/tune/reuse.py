@@ -31,9 +31,9 @@ ABORT_TIMEOUT_S = 60
 _POLL_S = 0.2
 
 
-def stop_flag(driver_pid: int | None = None) -> Path:
-    """The flag file that asks the Train run of the trial driver `driver_pid` to stop."""
-    return Path(tempfile.gettempdir()) / f"crackray-stop-trial-{driver_pid or os.getpid()}"
+def stop_flag() -> Path:
+    """The flag file that asks the Train run of this trial driver process to stop."""
+    return Path(tempfile.gettempdir()) / f"crackray-stop-trial-{os.getpid()}"
 
 
 class StopOnRequest(ControllerCallback):
