@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from crackray import plots
 from crackray.data.transforms import to_model_input
 from crackray.engine import EvalOutputs, seg_probabilities
 from crackray.metrics import (
@@ -105,6 +104,8 @@ def pixel_split_metrics(
 def decision_artifacts(outputs: EvalOutputs, threshold: float, name: str) -> dict:
     """Confusion matrix (PNG + JSON), PR and ROC curves of one split, keyed by their artifact
     file under `name/` (JSON-ready dicts and matplotlib figures; the caller logs them)."""
+    from crackray import plots  # matplotlib: 0.6 s to import in every Train worker otherwise
+
     matrix = confusion_matrix(outputs.probs, outputs.targets, threshold)
     artifacts = {
         f"{name}/confusion_matrix.json": {
@@ -149,6 +150,8 @@ def mask_overlay_figure(
 ):
     """Predicted masks of fixed examples (`pipeline.overlay_examples`) over their images,
     next to the ground truth (segdec only); the caller logs the figure."""
+    from crackray import plots
+
     model.eval()
     dec_logit, seg_logit = model(to_model_input(examples["image"], device))
     seg = seg_probabilities(seg_logit, examples["mask"].shape[-2:])
