@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from torch import nn
 
 from crackray.config import LossConfig, RunConfig
@@ -103,8 +104,6 @@ def distance_weighted_mask(mask: torch.Tensor, p: float, max_value: float) -> to
     wide cracks both reach the maximum at their centre line): 1 + (max_value - 1) * (d/d_max)^p.
     Annotated edges are the least certain pixels, so they count the least.
     """
-    from scipy import ndimage  # 0.3 s to import, and only segdec runs need it
-
     positive = mask.detach().cpu().numpy() > 0
     weights = np.ones(positive.shape, dtype=np.float32)
     if positive.any():

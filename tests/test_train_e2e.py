@@ -175,3 +175,12 @@ def test_artifacts_and_best_checkpoint(resumed_run, mlflow_client, tmp_path):
     model, cfg, payload = checkpoints.build_model_from_file(root / "checkpoints/best_model.pt")
     assert cfg.model.name == "simple_cnn" and cfg.data.image_size == 32
     assert payload["epoch"] == int(run.data.tags["crackray.best_epoch"])
+
+
+def test_a_train_worker_imports_no_matplotlib():
+    # Every Train worker of every trial imports the worker module; matplotlib (0.6 s) is
+    # only for rank 0's figures.
+    code = "import sys, crackray.train.worker; print('matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.split() == ["False"]
