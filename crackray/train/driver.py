@@ -31,6 +31,7 @@ from crackray.runs import (
 )
 from crackray.runtime import ensure_ray
 from crackray.tracking import Tracker
+from crackray.train.backend import ProcessGroupConfig
 from crackray.train.hooks import hooks_from_environment
 from crackray.train.progress import EpochPrinter
 from crackray.train.worker import WorkerSettings, train_fn_per_worker
@@ -78,6 +79,7 @@ def build_trainer(
     return CrackrayTrainer(
         train_fn_per_worker,
         train_loop_config={"settings": settings},
+        torch_config=ProcessGroupConfig(),  # train/backend.py: the controller needs no torch
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.workers,
             use_gpu=cfg.train.use_gpu,
