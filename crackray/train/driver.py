@@ -4,6 +4,7 @@ test pass)."""
 
 from __future__ import annotations
 
+import functools
 import math
 import tempfile
 import time
@@ -76,10 +77,14 @@ def build_trainer(
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
         resources["GPU"] = 1
+    # Train's controller (a new process per run and trial) unpickles `train_loop_config` and
+    # the backend config: the settings, whose class lives beside the training loop, imported
+    # torch and all of crackray there, and so did Ray's TorchConfig, ~5 s before the first
+    # worker started (README "Performance"). Bound to the function, the settings reach the
+    # workers only, inside the function Train ships to them by object ref.
     return CrackrayTrainer(
-        train_fn_per_worker,
-        train_loop_config={"settings": settings},
-        torch_config=ProcessGroupConfig(),  # train/backend.py: the controller needs no torch
+        functools.partial(train_fn_per_worker, settings),
+        torch_config=ProcessGroupConfig(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.workers,
             use_gpu=cfg.train.use_gpu,

@@ -36,7 +36,7 @@ from crackray.train.state import Checkpointer
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    """What the driver hands every worker (`train_loop_config={"settings": ...}`)."""
+    """What the driver hands every worker, bound to `train_fn_per_worker` (driver.py)."""
 
     run: RunConfig
     pos_weight: float
@@ -47,8 +47,7 @@ class WorkerSettings:
     hooks: tuple[Hook, ...] = ()  # called at named points of the loop (train/hooks.py)
 
 
-def train_fn_per_worker(config: dict) -> None:
-    settings: WorkerSettings = config["settings"]
+def train_fn_per_worker(settings: WorkerSettings) -> None:
     cfg, epochs = settings.run, settings.run.train.epochs
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
