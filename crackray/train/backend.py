@@ -2,8 +2,8 @@
 
 Ray Train's controller (one new process per run and per tuning trial) runs the backend's
 `on_start`, which connects the workers' torch process group. Ray's `TorchConfig` lives in a
-module that imports torch, so every controller spent ~2 s importing torch before it started
-a single worker (README "Performance"). `ProcessGroupConfig` takes the same steps as Ray
+module that imports torch, so every controller imported torch before it started a single
+worker (README "Performance"). `ProcessGroupConfig` takes the same steps as Ray
 2.60's `_TorchBackend` for gloo and nccl (TPU is not supported), and every step that needs
 torch runs on the workers, which import it anyway, through Ray's own functions.
 
@@ -13,18 +13,24 @@ a worker group); a Ray upgrade must re-run the Train tests.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from dataclasses import dataclass
 
 import ray
 from ray._common.network_utils import build_address
+from ray._private.ray_constants import env_integer
+from ray.exceptions import GetTimeoutError
 from ray.train._internal.utils import get_address_and_port
 from ray.train.backend import Backend, BackendConfig
+from ray.train.constants import (
+    DEFAULT_TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S,
+    TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S,
+)
 from ray.train.v2._internal.util import TrainingFramework
 
 
-@dataclass
+@dataclasses.dataclass
 class ProcessGroupConfig(BackendConfig):
     """`ray.train.torch.TorchConfig`'s fields, for `TorchTrainer(torch_config=...)`; the
     trainer sets `backend` to nccl (GPU workers) or gloo when it is None."""
@@ -48,9 +54,8 @@ class ProcessGroupConfig(BackendConfig):
     def framework(self):
         return TrainingFramework.TORCH
 
-    def to_dict(self) -> dict:
-        return {"backend": self.backend, "init_method": self.init_method,
-                "timeout_s": self.timeout_s}
+    def to_dict(self) -> dict:  # Train's state export
+        return dataclasses.asdict(self)
 
 
 class ProcessGroupBackend(Backend):
@@ -77,14 +82,8 @@ class ProcessGroupBackend(Backend):
         ])
 
     def on_shutdown(self, worker_group, backend_config: ProcessGroupConfig) -> None:
-        from ray.exceptions import GetTimeoutError
-        from ray.train.constants import (
-            DEFAULT_TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S,
-            TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S,
-        )
-
-        timeout_s = float(os.environ.get(TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S,
-                                         DEFAULT_TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S))
+        timeout_s = env_integer(TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S,
+                                DEFAULT_TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S)
         futures = worker_group.execute_async(_shut_down_torch,
                                              destroy_process_group=len(worker_group) > 1)
         try:

@@ -79,9 +79,9 @@ def build_trainer(
         resources["GPU"] = 1
     # Train's controller (a new process per run and trial) unpickles `train_loop_config` and
     # the backend config: the settings, whose class lives beside the training loop, imported
-    # torch and all of crackray there, and so did Ray's TorchConfig, ~5 s before the first
-    # worker started (README "Performance"). Bound to the function, the settings reach the
-    # workers only, inside the function Train ships to them by object ref.
+    # torch and crackray's training code there, and so did Ray's TorchConfig (~3 s of every
+    # trial, README "Performance"). Bound to the function, the settings reach the workers
+    # only, inside the function Train ships to them by object ref.
     return CrackrayTrainer(
         functools.partial(train_fn_per_worker, settings),
         torch_config=ProcessGroupConfig(),
