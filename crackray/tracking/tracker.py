@@ -210,18 +210,28 @@ class Tracker(LineageMixin, RegistryMixin):
 
     def logged_steps(self, run_id: str, key: str) -> set[int]:
         """Steps of `key` already in MLflow. A restarted worker needs the answer to avoid
-        logging an epoch twice, so it waits (up to READ_PATIENCE_S) for a server that is away."""
+        logging an epoch twice, so it waits for a server that is away (`_patient_read`)."""
+        history = self._patient_read(self.client.get_metric_history, run_id, key)
+        return {m.step for m in history}
+
+    def run_tags(self, run_id: str) -> dict[str, str]:
+        """The run's tags as MLflow has them now, waiting for a server that is away."""
+        return self._patient_read(self.client.get_run, run_id).data.tags
+
+    def _patient_read(self, read: Callable, *args):
+        """`read(*args)`, retried for up to READ_PATIENCE_S while the server is unreachable;
+        an answer from the server (e.g. "no such run") raises at once."""
         deadline = time.monotonic() + READ_PATIENCE_S
         while True:
             try:
-                return {m.step for m in self.client.get_metric_history(run_id, key)}
+                return read(*args)
             except Exception as exc:  # noqa: BLE001 - outage: wait; a real answer: raise
                 if rejected(exc) or time.monotonic() >= deadline:
                     raise
                 warnings.warn(
                     f"MLflow at {redact(self.uri)} unreachable "
-                    f"({type(exc).__name__}); waiting to read {key}",
-                    stacklevel=2,
+                    f"({type(exc).__name__}); waiting to read run {args[0]}",
+                    stacklevel=3,
                 )
                 time.sleep(2.0)
 

@@ -3,6 +3,8 @@ confusion matrix, best checkpoint and mask overlays when they change."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,58 +18,80 @@ from crackray.data.splits import VAL
 from crackray.engine import EvalOutputs
 from crackray.evaluation import decision_artifacts, mask_overlay_figure
 from crackray.tracking import Tracker
+from crackray.train.hooks import Hook, run_hooks
+from crackray.train.state import Checkpointer, TrainingState
 
 # How long rank 0 waits at the end for an absent tracking server to take its buffered writes.
 FLUSH_PATIENCE_S = 300.0
+BEST_EPOCH_TAG = "crackray.best_epoch"  # the last of an improving epoch's writes
 
 
 class EpochLogger:
-    def __init__(self, tracking: dict, cfg: RunConfig, segments: bool, history: list[dict]):
+    def __init__(self, tracking: dict, cfg: RunConfig, segments: bool,
+                 hooks: tuple[Hook, ...] = ()):
         self.run_id = tracking["run_id"]
-        self.cfg = cfg
+        self.cfg, self.hooks = cfg, hooks
         # segdec: fixed validation images whose predicted masks are drawn every few epochs
         self.examples = overlay_examples(cfg, VAL) if segments else None
         # Importing MLflow and opening its store take seconds: the first epoch trains
         # meanwhile, instead of every other rank waiting for rank 0 at DDP's first collective.
         # A store that cannot be opened raises at the first use of `tracker`.
         self._connecting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-connect")
-        self._tracker = self._connecting.submit(self._connect, tracking["uri"], history)
+        self._tracker = self._connecting.submit(Tracker, tracking["uri"])
+        self._caught_up = self._tracker  # then `catch_up`'s writes, on the same thread
 
     @classmethod
     def on_rank_zero(cls, rank: int, tracking: dict | None, cfg: RunConfig, segments: bool,
-                     history: list[dict]) -> EpochLogger | None:
-        """The logger of rank 0 (None elsewhere: one trial is one MLflow run), caught up
-        with `history` once connected."""
+                     hooks: tuple[Hook, ...] = ()) -> EpochLogger | None:
+        """The logger of rank 0 (None elsewhere: one trial is one MLflow run)."""
         if rank != 0 or not tracking:
             return None
-        return cls(tracking, cfg, segments, list(history))
+        return cls(tracking, cfg, segments, hooks)
 
     @property
     def tracker(self) -> Tracker:
+        """The open store, once `catch_up` is done with it."""
+        self._caught_up.result()
         return self._tracker.result()
 
-    def _connect(self, uri: str, history: list[dict]) -> Tracker:
-        tracker = Tracker(uri)
-        self.catch_up(tracker, history)
-        return tracker
+    def catch_up(self, state: TrainingState, best_weights: dict | None,
+                 checkpointer: Checkpointer) -> None:
+        """After a restore, once connected: log the epochs the checkpoint knows but MLflow
+        does not (a crash between checkpoint and logging), and, if MLflow's best epoch is not
+        the checkpoint's, that epoch's best model file, checkpoint artifact and confusion
+        matrix. Epochs MLflow already has are never logged twice."""
+        best_file = None
+        if state.best_epoch >= 0:
+            folder = Path(tempfile.mkdtemp(prefix="crackray-restored-"))
+            best_file = checkpointer.best_model_file(folder, best_weights, state)
+        self._caught_up = self._connecting.submit(
+            self._catch_up, list(state.history), state.best_epoch, state.best_val_outputs,
+            best_file)
 
-    def catch_up(self, tracker: Tracker, history: list[dict]) -> None:
-        """Log epochs that a restored checkpoint knows but MLflow does not (a crash between
-        checkpoint and logging); epochs MLflow already has are never logged twice."""
+    def _catch_up(self, history: list[dict], best_epoch: int, best_val_outputs: dict,
+                  best_file: Path | None) -> None:
+        tracker = self._tracker.result()
         logged = tracker.logged_steps(self.run_id, "val/f1")
         for row in history:
             if row["epoch"] not in logged:
                 tracker.log_metrics(self.run_id, _numeric(row), step=row["epoch"])
+        if best_file is None:
+            return
+        if tracker.run_tags(self.run_id).get(BEST_EPOCH_TAG) != str(best_epoch):
+            best_row = next(row for row in history if row["epoch"] == best_epoch)
+            scores = None  # a checkpoint written before the outputs were kept has none
+            if best_val_outputs:
+                scores = EvalOutputs(probs=best_val_outputs["probs"].numpy(),
+                                     targets=best_val_outputs["targets"].numpy())
+            self._log_best(tracker, best_epoch, best_row, scores, best_file)
+        shutil.rmtree(best_file.parent, ignore_errors=True)
 
     def log_epoch(self, epoch: int, metrics: dict, val: EvalOutputs, improved: bool,
                   best_file: Path | None, model: torch.nn.Module, device) -> None:
+        run_hooks(self.hooks, f"log{epoch}", 0)
         self.tracker.log_metrics(self.run_id, _numeric(metrics), step=epoch)
         if improved:
-            self.tracker.log_artifacts(self.run_id, decision_artifacts(val, 0.5, "val"))
-            self.tracker.log_artifact(self.run_id, best_file, "checkpoints")
-            self.tracker.log_best_model(self.run_id, best_file, step=epoch,
-                                        tags={"val/objective": metrics.get("val/objective")})
-            self.tracker.set_tags(self.run_id, {"crackray.best_epoch": epoch})
+            self._log_best(self.tracker, epoch, metrics, val, best_file)
         last = metrics["early_stopped"] or epoch == self.cfg.train.epochs - 1
         if self.examples is not None and ((epoch + 1) % self.cfg.train.log_masks_every == 0
                                           or last):
@@ -75,6 +99,15 @@ class EpochLogger:
                                       metrics["val/pixel_threshold"],
                                       f"val-epoch-{epoch:04d}", device)
             self.tracker.log_artifacts(self.run_id, {f"masks/val-epoch-{epoch:04d}.png": fig})
+
+    def _log_best(self, tracker: Tracker, epoch: int, metrics: dict,
+                  scores: EvalOutputs | None, best_file: Path) -> None:
+        if scores is not None:
+            tracker.log_artifacts(self.run_id, decision_artifacts(scores, 0.5, "val"))
+        tracker.log_artifact(self.run_id, best_file, "checkpoints")
+        tracker.log_best_model(self.run_id, best_file, step=epoch,
+                               tags={"val/objective": metrics.get("val/objective")})
+        tracker.set_tags(self.run_id, {BEST_EPOCH_TAG: epoch})
 
     def close(self) -> None:
         self._connecting.shutdown()

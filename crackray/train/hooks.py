@@ -1,6 +1,7 @@
 """Per-worker hooks: code a user (or a test) runs inside every Train worker at named points
-(`start`, and `epoch<N>` once epoch N is trained but neither evaluated nor checkpointed), e.g.
-to profile or to inject faults.
+(`start`; `epoch<N>` once epoch N is trained but neither evaluated nor checkpointed; on rank
+0, `log<N>` once epoch N is checkpointed and reported, before its MLflow writes), e.g. to
+profile or to inject faults.
 
 `$CRACKRAY_WORKER_HOOKS` names factories (`module:callable`, comma-separated) that the
 driver imports and calls; each returns a hook `hook(point, rank)`, which travels to the

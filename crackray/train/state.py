@@ -28,6 +28,9 @@ class TrainingState:
     stale_epochs: int = 0
     stopped_early: bool = False
     history: list[dict] = field(default_factory=list)
+    # Rank 0: the best epoch's validation probabilities and targets (tensors), from which a
+    # restarted worker redraws that epoch's MLflow artifacts if it died before logging them.
+    best_val_outputs: dict = field(default_factory=dict)
 
     def record(self, epoch: int, metrics: dict, score: float, min_delta: float,
                patience: int) -> bool:
@@ -118,12 +121,17 @@ class Checkpointer:
                 },
                 Path(folder) / checkpoints.STATE_FILE,
             )
-            best_file = checkpoints.save_model_file(
-                Path(folder) / checkpoints.BEST_FILE,
-                best_weights,
-                self.cfg,
-                tile=self.tile,
-                epoch=state.best_epoch,
-                val_score=state.best_score,
-            )
+            best_file = self.best_model_file(Path(folder), best_weights, state)
             yield ray.train.Checkpoint.from_directory(folder), best_file
+
+    def best_model_file(self, folder: Path, best_weights: dict, state: TrainingState) -> Path:
+        """The best weights so far as a model file in `folder` (what `predict` and the
+        registry load), stamped with their epoch and validation score."""
+        return checkpoints.save_model_file(
+            folder / checkpoints.BEST_FILE,
+            best_weights,
+            self.cfg,
+            tile=self.tile,
+            epoch=state.best_epoch,
+            val_score=state.best_score,
+        )

@@ -57,7 +57,9 @@ def train_fn_per_worker(settings: WorkerSettings) -> None:
     model, objective, optimizer, schedule = _training_parts(cfg, settings, device)
     checkpointer = Checkpointer(cfg, settings.run_folder, rank, settings.tile)
     state, best_weights = checkpointer.restore(model, optimizer, schedule)
-    logger = EpochLogger.on_rank_zero(rank, settings.tracking, cfg, segments, state.history)
+    logger = EpochLogger.on_rank_zero(rank, settings.tracking, cfg, segments, settings.hooks)
+    if logger:
+        logger.catch_up(state, best_weights, checkpointer)
     steps = dict(epochs=epochs, bf16=cfg.train.bf16, device=device)
 
     for epoch in state.epochs_left(epochs):
@@ -86,6 +88,9 @@ def train_fn_per_worker(settings: WorkerSettings) -> None:
         schedule.step_epoch(metrics[OBJECTIVE_KEY])
         if improved:
             best_weights = checkpoints.cpu_state(model)
+            if rank == 0:  # kept in the checkpoint: a restart redraws its MLflow artifacts
+                state.best_val_outputs = {"probs": torch.from_numpy(val.probs),
+                                          "targets": torch.from_numpy(val.targets)}
         if logger:  # the driver prints a warning while MLflow is away (worker logs are off)
             metrics["tracking/pending_writes"] = logger.tracker.pending_writes
         with checkpointer.epoch_checkpoint(model, optimizer, schedule, state,
