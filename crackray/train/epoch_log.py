@@ -3,7 +3,7 @@ confusion matrix, best checkpoint and mask overlays when they change."""
 
 from __future__ import annotations
 
-import shutil
+import copy
 import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -60,31 +60,29 @@ class EpochLogger:
         does not (a crash between checkpoint and logging), and, if MLflow's best epoch is not
         the checkpoint's, that epoch's best model file, checkpoint artifact and confusion
         matrix. Epochs MLflow already has are never logged twice."""
-        best_file = None
-        if state.best_epoch >= 0:
-            folder = Path(tempfile.mkdtemp(prefix="crackray-restored-"))
-            best_file = checkpointer.best_model_file(folder, best_weights, state)
-        self._caught_up = self._connecting.submit(
-            self._catch_up, list(state.history), state.best_epoch, state.best_val_outputs,
-            best_file)
+        restored = copy.deepcopy(state)  # the loop goes on changing `state` meanwhile
+        self._caught_up = self._connecting.submit(self._catch_up, restored, best_weights,
+                                                  checkpointer)
 
-    def _catch_up(self, history: list[dict], best_epoch: int, best_val_outputs: dict,
-                  best_file: Path | None) -> None:
+    def _catch_up(self, restored: TrainingState, best_weights: dict | None,
+                  checkpointer: Checkpointer) -> None:
         tracker = self._tracker.result()
         logged = tracker.logged_steps(self.run_id, "val/f1")
-        for row in history:
+        for row in restored.history:
             if row["epoch"] not in logged:
                 tracker.log_metrics(self.run_id, _numeric(row), step=row["epoch"])
-        if best_file is None:
-            return
-        if tracker.run_tags(self.run_id).get(BEST_EPOCH_TAG) != str(best_epoch):
-            best_row = next(row for row in history if row["epoch"] == best_epoch)
-            scores = None  # a checkpoint written before the outputs were kept has none
-            if best_val_outputs:
-                scores = EvalOutputs(probs=best_val_outputs["probs"].numpy(),
-                                     targets=best_val_outputs["targets"].numpy())
+        best_epoch = restored.best_epoch
+        if best_epoch < 0 or tracker.run_tags(self.run_id).get(BEST_EPOCH_TAG) == str(best_epoch):
+            return  # nothing restored, or MLflow has the best epoch already (the usual case)
+        best_row = next(row for row in restored.history if row["epoch"] == best_epoch)
+        outputs = restored.best_val_outputs
+        scores = None  # a checkpoint written before the outputs were kept has none
+        if outputs:
+            scores = EvalOutputs(probs=outputs["probs"].numpy(),
+                                 targets=outputs["targets"].numpy())
+        with tempfile.TemporaryDirectory(prefix="crackray-restored-") as folder:
+            best_file = checkpointer.best_model_file(Path(folder), best_weights, restored)
             self._log_best(tracker, best_epoch, best_row, scores, best_file)
-        shutil.rmtree(best_file.parent, ignore_errors=True)
 
     def log_epoch(self, epoch: int, metrics: dict, val: EvalOutputs, improved: bool,
                   best_file: Path | None, model: torch.nn.Module, device) -> None:
