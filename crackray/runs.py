@@ -3,7 +3,6 @@ ready, its storage path, the parameters it logs, and its best model fetched from
 
 from __future__ import annotations
 
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from crackray.data.prepare import prepare_synthetic
 from crackray.data.shards import verify_dataset
 from crackray.data.splits import SPLITS, TEST, TRAIN, VAL
 from crackray.errors import ConfigError
+from crackray.scratch import scratch_folder
 from crackray.tracking import Tracker, git_commit, versions
 
 
@@ -94,7 +94,7 @@ def fetch_best_model(checkpoint) -> Path:
     """A local copy of a run checkpoint's (a `ray.train.Checkpoint`, maybe remote) best model
     file."""
     with checkpoint.as_directory() as folder:
-        local = Path(tempfile.mkdtemp(prefix="crackray-best-")) / checkpoints.BEST_FILE
+        local = scratch_folder("best-") / checkpoints.BEST_FILE
         local.write_bytes((Path(folder) / checkpoints.BEST_FILE).read_bytes())
     return local
 

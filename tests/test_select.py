@@ -289,14 +289,18 @@ def test_select_run_calibrates_one_training_run_by_f1(tmp_path, cli):
     from crackray.inference import predict_split
     from crackray.tracking import Tracker
 
+    temp = tmp_path / "tmp"  # the commands' temp dir: what they download must not stay
+    temp.mkdir()
     done = cli("train", REPO / "search_spaces" / "quickstart.yaml", "--set", "train.epochs=1",
-               "--set", "data.synthetic_n=80", "--set", "data.image_size=32", timeout=1500)
+               "--set", "data.synthetic_n=80", "--set", "data.image_size=32", timeout=1500,
+               env={"TMPDIR": str(temp)})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run = Tracker(store).latest_run_anywhere("train")
     done = cli("select", "--run", run.info.run_id, "--by", "f1", "--alias", "champion",
-               "--name", "crackray-run")
+               "--name", "crackray-run", env={"TMPDIR": str(temp)})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert sorted(p.name for p in temp.glob("crackray-*")) == []  # crackray/scratch.py
     assert "highest val F1" in done.stdout
     assert "test 95 % intervals (photo bootstrap)" in done.stdout
 

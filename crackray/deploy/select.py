@@ -13,7 +13,6 @@ below the floor the model was selected at is warned about.
 from __future__ import annotations
 
 import math
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ from crackray.metrics import (
     threshold_for_min_precision,
     threshold_for_min_recall,
 )
+from crackray.scratch import scratch_folder
 from crackray.tracking import Tracker
 
 BOOTSTRAP_RESAMPLES = 2000
@@ -292,7 +292,7 @@ def _log_model(tracker: Tracker, run_id: str, winner: Candidate,
     from crackray.deploy.serving import log_servable  # MLflow's pyfunc machinery: only here
 
     _, cfg, payload = checkpoints.build_model_from_file(winner.model_file)
-    calibrated = Path(tempfile.mkdtemp(prefix="crackray-select-")) / MODEL_FILE
+    calibrated = scratch_folder("select-") / MODEL_FILE
     extras = {k: v for k, v in payload.items() if k not in ("model_state", "config")}
     if winner.pixel_threshold is not None:
         extras["pixel_threshold"] = winner.pixel_threshold

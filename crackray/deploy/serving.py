@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import binascii
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ from mlflow.pyfunc import PythonModel
 from crackray.data.images import encode_png
 from crackray.deploy.tiling import image_probability, pieces_from_bytes, stitched_seg
 from crackray.errors import DataError
+from crackray.scratch import scratch_folder
 
 ARTIFACT = "crackray_model"  # the key of the model file in the pyfunc's artifacts
 BATCH = 64  # windows per forward pass
@@ -121,7 +121,7 @@ def log_servable(tracker, run_id: str, model_file, metadata: dict) -> str:
     from crackray.deploy.predict import MODEL_FILE, load_predictor
 
     if Path(model_file).name != MODEL_FILE:  # the artifact keeps its name; predict wants this
-        named = Path(tempfile.mkdtemp(prefix="crackray-servable-")) / MODEL_FILE
+        named = scratch_folder("servable-") / MODEL_FILE
         shutil.copyfile(model_file, named)
         model_file = named
     detector = CrackDetector()

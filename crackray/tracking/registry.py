@@ -3,9 +3,9 @@ models logged into runs, and the registry (aliases, never the deprecated stages)
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
+from crackray.scratch import scratch_folder
 from crackray.tracking.store import KIND_TAG, PARENT_TAG, TrackingError, redact
 
 
@@ -124,7 +124,7 @@ class RegistryMixin:
         # registry and tracking URIs, whatever `tracking_uri` says: point both at this store.
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_registry_uri(self.uri)
-        target = tempfile.mkdtemp(prefix="crackray-")
+        target = str(scratch_folder("download-"))
         try:
             return Path(
                 mlflow.artifacts.download_artifacts(

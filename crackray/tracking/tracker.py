@@ -9,13 +9,13 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from crackray.scratch import scratch_folder
 from crackray.tracking.lineage import LineageMixin
 from crackray.tracking.registry import RegistryMixin
 from crackray.tracking.store import (
@@ -284,6 +284,6 @@ class Tracker(LineageMixin, RegistryMixin):
         self._call(self.client.set_terminated, run_id, status)
 
     def download(self, run_id: str, artifact_path: str) -> Path:
-        target = tempfile.mkdtemp(prefix="crackray-")
-        return Path(self.client.download_artifacts(run_id, artifact_path, target))
+        target = scratch_folder("download-")
+        return Path(self.client.download_artifacts(run_id, artifact_path, str(target)))
 
