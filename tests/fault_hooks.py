@@ -3,12 +3,15 @@
 `environment(folder)` gives the variables under which a `crackray` process (or an in-process
 `run_training`) makes every worker call a `FaultInjector` at the hook points (`start`,
 `epoch<N>`). It writes `<point>.rank<R>.pid`; then, on rank 0, raises while the counter in
-`<point>.raise` is positive (decremented per raise), and on every rank waits while
-`<point>.hold` exists (the test kills the process meanwhile)."""
+`<point>.raise` is positive (decremented per raise), or SIGKILLs itself once if
+`<point>.kill` exists (removed first: within milliseconds, where a killer watching the pid
+file would take a poll); and on every rank waits while `<point>.hold` exists (the test kills
+the process meanwhile)."""
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -47,6 +50,9 @@ class FaultInjector:
         if rank == 0 and counter.exists() and int(counter.read_text() or 0) > 0:
             counter.write_text(str(int(counter.read_text()) - 1))
             raise RuntimeError(f"injected test fault at {point}")
+        if rank == 0 and (self.folder / f"{point}.kill").exists():
+            (self.folder / f"{point}.kill").unlink()
+            os.kill(os.getpid(), signal.SIGKILL)
         deadline = time.monotonic() + 300
         while (self.folder / f"{point}.hold").exists() and time.monotonic() < deadline:
             time.sleep(0.2)

@@ -51,12 +51,13 @@ class TrainingState:
         return range(epochs if self.stopped_early else self.next_epoch, epochs)
 
 
-def restart_candidates(run_folder: str | None) -> list[ray.train.Checkpoint]:
-    """Checkpoints to restart from, best first: epoch folders of this run newer than Ray's
-    latest registered checkpoint, then that one. The controller registers a report only at
-    its next poll of the workers, so a worker dying in between loses the registration, yet
-    rank 0 has already written that checkpoint and logged its epoch to MLflow: restarting
-    from the older one would train and log that epoch twice."""
+def restart_candidates(run_folder: str | None) -> list[tuple[ray.train.Checkpoint, bool]]:
+    """Checkpoints to restart from, best first, each with whether the controller registered
+    it: epoch folders of this run newer than Ray's latest registered checkpoint, then that
+    one. The controller registers a report only at its next poll of the workers, so a worker
+    dying in between loses the registration, yet rank 0 has already written that checkpoint
+    and may have logged its epoch to MLflow: restarting from the older one would train and
+    log that epoch twice."""
     registered = ray.train.get_checkpoint()
     newer = []
     if run_folder:
@@ -73,8 +74,8 @@ def restart_candidates(run_folder: str | None) -> list[ray.train.Checkpoint]:
             ),
             reverse=True,
         )
-        newer = [ray.train.Checkpoint(path, filesystem=filesystem) for path in folders]
-    return newer + ([registered] if registered else [])
+        newer = [(ray.train.Checkpoint(path, filesystem=filesystem), False) for path in folders]
+    return newer + ([(registered, True)] if registered else [])
 
 
 class Checkpointer:
@@ -85,10 +86,13 @@ class Checkpointer:
                  tile: int | None = None):
         self.cfg, self.run_folder, self.rank, self.tile = cfg, run_folder, rank, tile
 
-    def restore(self, model, optimizer, schedule) -> tuple[TrainingState, dict | None]:
+    def restore(self, model, optimizer, schedule
+                ) -> tuple[TrainingState, dict | None, ray.train.Checkpoint | None]:
         """Load the newest readable checkpoint into model / optimizer / schedule; returns the
-        training state and the best weights so far (fresh ones if there is nothing)."""
-        for checkpoint in restart_candidates(self.run_folder):
+        training state, the best weights so far (fresh ones if there is nothing) and, if the
+        controller never registered the restored checkpoint, that checkpoint (for
+        `report_again`)."""
+        for checkpoint, registered in restart_candidates(self.run_folder):
             try:
                 with checkpoint.as_directory() as folder:
                     saved = torch.load(Path(folder) / checkpoints.STATE_FILE, weights_only=True)
@@ -100,8 +104,18 @@ class Checkpointer:
             checkpoints.unwrap(model).load_state_dict(saved["model_state"])
             optimizer.load_state_dict(saved["optimizer"])
             schedule.load_state_dict(saved["schedule"])
-            return TrainingState(**saved["training_state"]), best["model_state"]
-        return TrainingState(), None
+            unregistered = None if registered else checkpoint
+            return TrainingState(**saved["training_state"]), best["model_state"], unregistered
+        return TrainingState(), None, None
+
+    def report_again(self, state: TrainingState, checkpoint: ray.train.Checkpoint) -> None:
+        """Report a restored checkpoint's epoch once more (every rank calls this): its report
+        died with a worker before the controller registered it, so neither Tune nor `fit()`'s
+        result has seen that epoch, and after the last epoch no later report would make up
+        for it. The checkpoint is in the run's folder already: registered where it is."""
+        ray.train.report({**state.history[-1], "early_stopped": int(state.stopped_early)},
+                         checkpoint=checkpoint if self.rank == 0 else None,
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
 
     @contextlib.contextmanager
     def epoch_checkpoint(self, model, optimizer, schedule, state: TrainingState,

@@ -56,10 +56,12 @@ def train_fn_per_worker(settings: WorkerSettings) -> None:
 
     model, objective, optimizer, schedule = _training_parts(cfg, settings, device)
     checkpointer = Checkpointer(cfg, settings.run_folder, rank, settings.tile)
-    state, best_weights = checkpointer.restore(model, optimizer, schedule)
+    state, best_weights, unregistered = checkpointer.restore(model, optimizer, schedule)
     logger = EpochLogger.on_rank_zero(rank, settings.tracking, cfg, segments, settings.hooks)
     if logger:
         logger.catch_up(state, best_weights, checkpointer)
+    if unregistered is not None:
+        checkpointer.report_again(state, unregistered)
     steps = dict(epochs=epochs, bf16=cfg.train.bf16, device=device)
 
     for epoch in state.epochs_left(epochs):
