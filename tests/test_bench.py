@@ -188,6 +188,12 @@ def test_bench_trial_json(cli, tmp_path):
     assert out["trial_wall_s"] > 0 and out["plain_loop_s"] > 0
     assert out["fixed_cost_s"] == pytest.approx(out["trial_wall_s"] - out["plain_loop_s"], abs=0.02)
     assert out["mlflow_child_runs"] == 1
+    # The profile comes from both workers' timestamps (the bench's worker hook reached them);
+    # a job's first trial starts cold.
+    profile = out["profile"]
+    assert profile["warm_workers"] == "0/2"
+    assert 0 < profile["start_to_loop_s"] < out["trial_wall_s"]
+    assert 0 < profile["loop_to_epoch0_trained_s"] < out["trial_wall_s"]
 
 
 def test_bench_rejects_a_folder_without_shards(cli, tmp_path):

@@ -19,6 +19,11 @@ def describe(result: dict) -> str:
             f"  same epochs, plain    {result['plain_loop_s']:8.2f} s",
             f"  fixed cost per trial  {result['fixed_cost_s']:8.2f} s",
             f"  Ray start (once/job)  {result['ray_start_s']:8.2f} s",
+            f"  plain epoch           {result['plain_epoch_s']:8.2f} s",
+            "  where a trial's seconds go (median of the trials after the first):",
+            *(f"    {key.removesuffix('_s').replace('_', ' '):28s} {value:>8} s"
+              for key, value in result.get("profile", {}).items() if key.endswith("_s")),
+            f"    warm workers                 {result.get('profile', {}).get('warm_workers')}",
         ])
     settings = ", ".join(f"{k} {v}" for k, v in s.items() if k != "data")
     lines = [f"{result['benchmark']} ({settings})"]
