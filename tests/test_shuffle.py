@@ -15,8 +15,9 @@ from PIL import Image
 from scipy import stats
 
 from crackray.config import RunConfig, run_config_from_dict
-from crackray.data import shards
+from crackray.data import epochs, shards
 from crackray.data.epochs import training_epoch
+from crackray.data.pipeline import BLOCK_BYTES, block_rows
 from crackray.data.prepare import prepare_sdnet2018
 from crackray.data.shards import read_split_table, split_files
 from crackray.errors import ConfigError
@@ -106,6 +107,29 @@ def test_augmentation_is_seeded_per_row_and_epoch(data):
     other = images_by_path(training_epoch(cfg, 2))
     changed = [not np.array_equal(first[path], other[path]) for path in first]
     assert np.mean(changed) > 0.9  # flips and rotations leave a few symmetric tiles as they were
+
+
+def test_an_epochs_pixels_do_not_depend_on_how_it_is_cut_into_decode_blocks(data, monkeypatch):
+    """Each row's augmentation is seeded by its key, not by its block or task: an epoch cut into
+    blocks of 5 rows (34 decode tasks) is pixel for pixel the epoch cut the default way."""
+    cfg = config(data, data={"augment": 1.0})
+    default = training_epoch(cfg, 1)
+    rows = default.count()
+    assert default.materialize().num_blocks() == -(-rows // block_rows(rows, 32))
+    monkeypatch.setattr(epochs, "block_rows", lambda *args, **kwargs: 5)
+    fine = training_epoch(cfg, 1)
+    assert fine.materialize().num_blocks() == -(-rows // 5)
+    first, second = images_by_path(default), images_by_path(fine)
+    assert first.keys() == second.keys()
+    assert all(np.array_equal(first[path], second[path]) for path in first)
+
+
+def test_decode_blocks_are_about_32_mib_but_at_least_8_an_epoch_and_64_rows():
+    assert block_rows(2069, 224) == BLOCK_BYTES // (224 * 224 * 3) == 222  # SDNET at 224 px
+    assert block_rows(2069, 224, with_masks=True) == BLOCK_BYTES // (224 * 224 * 4)
+    assert block_rows(1000, 32) == 125  # small tiles: 8 blocks of an epoch share
+    assert block_rows(200, 96) == 64  # a quickstart worker's epoch: 4 blocks, as many as before
+    assert block_rows(100_000, 512) == 64  # large images: no fewer rows than 64
 
 
 def validation_part(cfg, rank=0, world_size=1) -> dict[str, np.ndarray]:

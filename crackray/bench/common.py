@@ -68,16 +68,18 @@ def ceilings(data: str | Path, image_size: int, augment: float, sample: int = 25
     training transform the pipeline runs per batch (`batches.prepare_batch`: decode +
     augmentation); times the cores, the ceilings of any ingest on this machine."""
     from crackray.data.batches import prepare_batch
-    from crackray.data.pipeline import DECODE_BATCH
+    from crackray.data.pipeline import block_rows
 
-    table = read_split_table(data, "train", ["image", "label", "surface", "path"]).slice(0, sample)
+    table = read_split_table(data, "train", ["image", "label", "surface", "path"])
+    size = block_rows(table.num_rows, image_size)  # as a one-worker epoch cuts its blocks
+    table = table.slice(0, sample)
     rows = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
     decode = _per_second(lambda part: [_decode_only(d, image_size) for d in part],
                          list(rows["image"]))
 
     def transform_batches(indices: list[int]) -> None:
-        for start in range(0, len(indices), DECODE_BATCH):  # as map_batches cuts them
-            part = indices[start:start + DECODE_BATCH]
+        for start in range(0, len(indices), size):
+            part = indices[start:start + size]
             prepare_batch({k: v[part] for k, v in rows.items()}, image_size=image_size,
                           augment_strength=augment)
 

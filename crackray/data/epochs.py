@@ -13,7 +13,7 @@ import ray.data
 from crackray.config import RunConfig
 from crackray.data.batches import COLUMNS, MASK_COLUMNS
 from crackray.data.composition import positive_repeats
-from crackray.data.pipeline import DECODE_BATCH, decoded, from_blocks
+from crackray.data.pipeline import block_rows, decoded, from_blocks
 from crackray.data.shards import read_split_table, split_files
 from crackray.data.splits import TRAIN
 from crackray.sampling import frequency_sampler
@@ -37,7 +37,8 @@ def training_epoch(
 
     The worker reads the encoded rows of its run itself (a row group at a time, ~10 KB a tile,
     keeping only its own), puts them in key order into Ray's object store in blocks of
-    `DECODE_BATCH`, and Ray Data decodes and augments those blocks in parallel tasks, in order.
+    `pipeline.block_rows`, and Ray Data decodes and augments those blocks in parallel tasks, in
+    order.
     Why not one Dataset that Ray Train splits: `prepare` writes splits sorted by path, so the
     order must change globally every epoch, and Ray Data's per-execution reseeding counts
     executions in the process that runs them (after a restart epoch k would get epoch 0's
@@ -70,7 +71,8 @@ def training_epoch(
     mine = np.argsort(keys, kind="stable")[rank * share:(rank + 1) * share]  # in key order
     rows = _read_rows(cfg.data.path, index[mine], with_masks).append_column(
         "key", pa.array(keys[mine]))
-    blocks = [rows.slice(start, DECODE_BATCH) for start in range(0, len(rows), DECODE_BATCH)]
+    size = block_rows(len(rows), cfg.data.image_size, with_masks=with_masks)
+    blocks = [rows.slice(start, size) for start in range(0, len(rows), size)]
     return decoded(from_blocks(blocks), cfg, train=True, with_masks=with_masks)
 
 

@@ -9,6 +9,7 @@ process (`inference.split_batches`).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 
@@ -21,8 +22,24 @@ from crackray.config import RunConfig
 from crackray.data.batches import COLUMNS, MASK_COLUMNS, prepare_batch, to_torch
 from crackray.data.shards import read_split_table
 
-DECODE_BATCH = 64  # rows per map_batches call: large enough to amortise task overhead
 IDLE_STEP_SLEEP_S = 0.005
+# An epoch's decode blocks (`block_rows`): ~32 MiB decoded, at least 8 of them, never under
+# 64 rows.
+BLOCK_BYTES = 32 * 2**20
+MIN_BLOCKS = 8
+MIN_BLOCK_ROWS = 64
+
+
+def block_rows(rows: int, image_size: int, *, with_masks: bool = False) -> int:
+    """Rows a decode task takes from an epoch share of `rows` rows: one block, decoded by one
+    `prepare_batch` call. Ray's cost per block (the task, the object store, the consumer's
+    iterator threads) is paid per block, not per row: at 224 px, blocks of 64 rows cost the
+    whole pipeline 1.6-1.8 ms of CPU an image, blocks of 256 rows 1.4-1.6 ms (`bench ingest`,
+    README "Performance"). So a block is as large as ~32 MiB of decoded pixels allows, but an
+    epoch keeps at least 8 blocks, so that small epochs still decode in parallel tasks and
+    their first batch comes early."""
+    row_bytes = image_size * image_size * (4 if with_masks else 3)
+    return max(MIN_BLOCK_ROWS, min(BLOCK_BYTES // row_bytes, math.ceil(rows / MIN_BLOCKS)))
 
 
 class IdleStepBackoff(ExecutionCallback):
@@ -82,10 +99,11 @@ def from_blocks(blocks: list[pa.Table]) -> ray.data.Dataset:
 
 
 def decoded(ds: ray.data.Dataset, cfg: RunConfig, *, train: bool, with_masks: bool):
-    """`ds` decoded by `prepare_batch` (augmented, with dilated masks, if `train`)."""
+    """`ds` decoded by `prepare_batch` (augmented, with dilated masks, if `train`), one call
+    per block: the caller cuts the blocks (`block_rows`)."""
     return ds.map_batches(
         prepare_batch,
-        batch_size=DECODE_BATCH,
+        batch_size=None,
         batch_format="numpy",
         fn_kwargs={
             "image_size": cfg.data.image_size,
