@@ -34,7 +34,8 @@ def test_the_scheduling_loop_waits_while_outputs_wait_for_a_slow_consumer(ray_se
                                                                           tmp_path):
     # The counter travels in the DataContext to Ray's tasks, which cannot import this module.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    # 224 px blocks of 64 rows (9.6 MB decoded): enough for Ray Data to hold outputs back.
+    # 224 px blocks of at least 64 rows (9.6 MB decoded): enough for Ray Data to hold outputs
+    # back.
     prepare_synthetic(tmp_path / "data", n=600, seed=0, image_size=224)
     cfg = RunConfig.model_validate({"data": {"path": str(tmp_path / "data"),
                                              "image_size": 224}})

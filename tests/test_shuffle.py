@@ -111,7 +111,7 @@ def test_augmentation_is_seeded_per_row_and_epoch(data):
 
 def test_an_epochs_pixels_do_not_depend_on_how_it_is_cut_into_decode_blocks(data, monkeypatch):
     """Each row's augmentation is seeded by its key, not by its block or task: an epoch cut into
-    blocks of 5 rows (34 decode tasks) is pixel for pixel the epoch cut the default way."""
+    blocks of 5 rows (a decode task each) is pixel for pixel the epoch cut the default way."""
     cfg = config(data, data={"augment": 1.0})
     default = training_epoch(cfg, 1)
     rows = default.count()

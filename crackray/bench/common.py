@@ -71,7 +71,7 @@ def ceilings(data: str | Path, image_size: int, augment: float, sample: int = 25
     from crackray.data.pipeline import block_rows
 
     table = read_split_table(data, "train", ["image", "label", "surface", "path"])
-    size = block_rows(table.num_rows, image_size)  # as a one-worker epoch cuts its blocks
+    size = block_rows(table.num_rows, image_size)  # a one-worker epoch's blocks, repeats aside
     table = table.slice(0, sample)
     rows = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
     decode = _per_second(lambda part: [_decode_only(d, image_size) for d in part],

@@ -23,8 +23,7 @@ from crackray.data.batches import COLUMNS, MASK_COLUMNS, prepare_batch, to_torch
 from crackray.data.shards import read_split_table
 
 IDLE_STEP_SLEEP_S = 0.005
-# An epoch's decode blocks (`block_rows`): ~32 MiB decoded, at least 8 of them, never under
-# 64 rows.
+# The bounds of `block_rows`.
 BLOCK_BYTES = 32 * 2**20
 MIN_BLOCKS = 8
 MIN_BLOCK_ROWS = 64
@@ -33,11 +32,11 @@ MIN_BLOCK_ROWS = 64
 def block_rows(rows: int, image_size: int, *, with_masks: bool = False) -> int:
     """Rows a decode task takes from an epoch share of `rows` rows: one block, decoded by one
     `prepare_batch` call. Ray's cost per block (the task, the object store, the consumer's
-    iterator threads) is paid per block, not per row: at 224 px, blocks of 64 rows cost the
-    whole pipeline 1.6-1.8 ms of CPU an image, blocks of 256 rows 1.4-1.6 ms (`bench ingest`,
-    README "Performance"). So a block is as large as ~32 MiB of decoded pixels allows, but an
-    epoch keeps at least 8 blocks, so that small epochs still decode in parallel tasks and
-    their first batch comes early."""
+    iterator threads) is paid per block, not per row: at 224 px, blocks of 64 rows cost all of
+    Ray's processes 1.6-1.9 ms of CPU an image, blocks of 256 rows 1.4-1.6 ms (one process
+    iterating an epoch, README "Performance"). So a block is as large as ~32 MiB of decoded
+    pixels allows, but an epoch keeps at least 8 blocks, so that small epochs still decode in
+    parallel tasks and their first batch comes early."""
     row_bytes = image_size * image_size * (4 if with_masks else 3)
     return max(MIN_BLOCK_ROWS, min(BLOCK_BYTES // row_bytes, math.ceil(rows / MIN_BLOCKS)))
 
