@@ -16,6 +16,7 @@ from scipy import stats
 
 from crackray.config import RunConfig, run_config_from_dict
 from crackray.data import epochs, shards
+from crackray.data.batches import to_torch
 from crackray.data.epochs import training_epoch
 from crackray.data.pipeline import BLOCK_BYTES, block_rows
 from crackray.data.prepare import prepare_sdnet2018
@@ -94,8 +95,10 @@ def test_every_batch_mixes_the_classes_and_each_epoch_has_its_own_order(data):
 
 
 def images_by_path(dataset) -> dict[str, np.ndarray]:
+    """path -> what the model sees of the row: its augmented pixels with their colour jitter."""
     return {path: image for batch in dataset.iter_batches(batch_size=BATCH, batch_format="numpy")
-            for path, image in zip(batch["path"], batch["image"], strict=True)}
+            for path, image in zip(batch["path"], to_torch(batch, None)["image"].numpy(),
+                                   strict=True)}
 
 
 def test_augmentation_is_seeded_per_row_and_epoch(data):

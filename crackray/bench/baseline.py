@@ -54,6 +54,6 @@ def plain_loader(dataset: ShardDataset, batch_size: int, workers: int,
 def plain_batches(loader: Iterable[dict], device: torch.device) -> Iterator[dict]:
     """The loader's batches as trainers consume them (what `iterate_batches` yields)."""
     for batch in loader:
-        yield {"image": transforms.to_model_input(batch["image"], device),
+        yield {"image": transforms.to_model_input(batch["image"], device, batch.get("jitter")),
                "label": torch.as_tensor(batch["label"]).to(device),
                "surface": batch["surface"], "path": batch["path"]}

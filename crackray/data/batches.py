@@ -1,7 +1,7 @@
 """Rows of a prepared split -> model-ready batches: decode, resize, augment (numpy), then torch
-tensors on a device. No Ray: the Ray pipeline maps `prepare_batch` over its blocks, and
-in-process evaluation (`inference.py`) calls the same two functions, so both see the same
-pixels."""
+tensors on a device, where the colour jitter drawn with the augmentation is applied. No Ray: the
+Ray pipeline maps `prepare_batch` over its blocks, and in-process evaluation (`inference.py`)
+calls the same two functions, so both see the same pixels."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ def prepare_batch(
 ) -> dict[str, np.ndarray]:
     """One map_batches step: decode, resize and (for training) augment a batch of rows.
 
+    Augmented batches carry `jitter`, each image's colour jitter for `to_torch` to apply.
+
     Training images (`augment_strength` > 0) are random-cropped where the tile allows and
     augmented in one pass (`transforms.decode_training`); with masks (segdec) they are
     resized and augmented together with their masks, which must stay aligned.
@@ -40,8 +42,10 @@ def prepare_batch(
     else:
         rngs = [np.random.default_rng()] * n
     augmenting = augment_strength > 0
+    jitter = None
     if augmenting and not with_masks:
-        images = transforms.decode_training(batch["image"], image_size, rngs, augment_strength)
+        images, jitter = transforms.decode_training(
+            batch["image"], image_size, rngs, augment_strength)
     else:
         images = transforms.decode_images(batch["image"], image_size)
     out = {
@@ -59,22 +63,26 @@ def prepare_batch(
         )
         out["has_mask"] = is_negative | (has_mask & keep)
         if augmenting:
+            jitter = np.empty((n, 2), dtype=np.float32)
             for i, rng in enumerate(rngs):
                 row = slice(i, i + 1)
-                images[row], masks[row] = transforms.augment(
+                images[row], masks[row], jitter[row] = transforms.augment(
                     images[row], rng, augment_strength, masks[row]
                 )
         out["mask"] = masks
     out["image"] = images
+    if jitter is not None:
+        out["jitter"] = jitter
     return out
 
 
 def to_torch(batch: dict[str, np.ndarray], device) -> dict:
-    """A decoded numpy batch -> torch tensors on `device`: `image` normalised float NCHW
-    (channels_last memory), `label` float, masks if present; string columns (`surface`,
-    `path`) stay numpy arrays for per-surface metrics and error galleries."""
+    """A decoded numpy batch -> torch tensors on `device`: `image` colour-jittered (if the
+    batch carries `jitter`) and normalised, float NCHW (channels_last memory); `label` float;
+    masks if present; string columns (`surface`, `path`) stay numpy arrays for per-surface
+    metrics and error galleries."""
     out = {
-        "image": transforms.to_model_input(batch["image"], device),
+        "image": transforms.to_model_input(batch["image"], device, batch.get("jitter")),
         "label": torch.tensor(batch["label"], device=device),
         "surface": np.asarray(batch["surface"], dtype=object),
         "path": np.asarray(batch["path"], dtype=object),

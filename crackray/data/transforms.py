@@ -1,15 +1,17 @@
 """Batch decode and augmentation (Pillow, numpy): shared by the Ray Data pipeline, the
 plain-torch benchmark baseline and prediction, so that all three see exactly the same pixels.
 
-Augmentation stays in uint8 on the ingest side; the float conversion and ImageNet
-normalisation happen in `to_model_input` on the consuming worker, which keeps the bytes that
-travel between Ray processes four times smaller.
+The ingest side decodes, crops and turns images in uint8 and draws each image's colour jitter;
+the float conversion, the jitter and the ImageNet normalisation happen together in
+`to_model_input` on the consuming worker. The bytes that travel between Ray processes stay four
+times smaller than floats, and the per-pixel arithmetic runs where the model runs: one pass of
+torch over the batch (on a GPU, for nothing) instead of a histogram and a lookup table per
+image on the decoding cores.
 
 Training images take a cheaper road than evaluation ones (`decode_training`): a random crop
 instead of a resize where the stored tile is barely larger than the model's input, and the
-flips, rotations and colour jitter done by Pillow on the decoded image (a transpose and a
-lookup table in C) before its single copy into the batch. On SDNET's 256 px tiles at 224 px
-that is 1.8x the images per CPU-second of resize + numpy augmentation (README "Performance").
+flips and rotations done by Pillow on the decoded image (a transpose in C) before its single
+copy into the batch (README "Performance").
 """
 
 from __future__ import annotations
@@ -90,56 +92,48 @@ class _Draws:
     def __init__(self, rng: np.random.Generator, n: int, strength: float):
         self.turns = [(int(rng.integers(4)), bool(rng.random() < 0.5)) for _ in range(n)]
         # Brightness / contrast jitter: up to +-20 % at full strength, per image.
-        self.gain = 1.0 + strength * rng.uniform(-0.2, 0.2, size=n).astype(np.float32)
-        self.bias = strength * rng.uniform(-20, 20, size=n).astype(np.float32)
+        gain = 1.0 + strength * rng.uniform(-0.2, 0.2, size=n).astype(np.float32)
+        bias = strength * rng.uniform(-20, 20, size=n).astype(np.float32)
+        self.jitter = np.stack([gain, bias], axis=1)
 
-    def apply(self, image: Image.Image, i: int) -> Image.Image:
-        """Rotation / mirror, then (x - mean) * gain + mean + bias clipped to uint8, as a lookup
-        table per image: each pixel value maps the same way wherever it is."""
+    def turn(self, image: Image.Image, i: int) -> Image.Image:
         op = _TRANSPOSES[self.turns[i]]
-        if op is not None:
-            image = image.transpose(op)
-        histogram = np.asarray(image.histogram(), dtype=np.int64).reshape(-1, 256).sum(axis=0)
-        mean = np.float32(histogram @ np.arange(256) / histogram.sum())
-        lut = np.arange(256, dtype=np.float32)
-        lut -= mean
-        lut *= self.gain[i]
-        lut += mean
-        lut += self.bias[i]
-        table = np.clip(lut, 0, 255, out=lut).astype(np.uint8).tolist()
-        return image.point(table * len(image.getbands()))
+        return image if op is None else image.transpose(op)
 
 
 def augment(
     images: np.ndarray, rng: np.random.Generator, strength: float, masks: np.ndarray | None = None
-):
-    """Flips, 90-degree rotations (cracks have no preferred orientation) and mild colour
-    jitter scaled by `strength` in [0, 1]. Masks get the same geometric transforms."""
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Flips and 90-degree rotations (cracks have no preferred orientation) of uint8 images and
+    their masks, and each image's mild colour jitter scaled by `strength` in [0, 1], returned as
+    (gain, bias) rows for `to_model_input` to apply: (images, masks, jitter). Without
+    augmentation the jitter is None."""
     if strength <= 0:
-        return images, masks
+        return images, masks, None
     draws = _Draws(rng, len(images), strength)
     out = np.empty_like(images)
     for i, image in enumerate(images):
-        out[i] = np.asarray(draws.apply(Image.fromarray(image), i))
+        out[i] = np.asarray(draws.turn(Image.fromarray(image), i))
     if masks is not None:
         masks = np.stack([_geometric(mask, *draws.turns[i]) for i, mask in enumerate(masks)])
-    return out, masks
+    return out, masks, draws.jitter
 
 
 def decode_training(images, size: int, rngs: Sequence[np.random.Generator],
-                    strength: float) -> np.ndarray:
-    """Encoded bytes -> augmented uint8 (B, size, size, 3) for training, one generator per
-    image (the same generator may repeat): image i gets the pixels of
-    `augment(crop_or_resize(decode(images[i]), rngs[i]), rngs[i], strength)`, done on the
-    decoded Pillow image before its one copy into the batch.
+                    strength: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """Encoded bytes -> (uint8 (B, size, size, 3), jitter (B, 2)) for training, one generator
+    per image (the same generator may repeat): image i and its jitter are those of
+    `augment(crop_or_resize(decode(images[i]), rngs[i]), rngs[i], strength)`, the turn done on
+    the decoded Pillow image before its one copy into the batch.
 
     Each image first draws its crop offsets (two uniforms, drawn even where the image is
     resized instead), then `augment`'s parameters. With `strength` 0 (no augmentation asked
-    for) this is `decode_images`: no crop either.
+    for) this is `decode_images`, with no crop and no jitter.
     """
     if strength <= 0:
-        return decode_images(images, size)
+        return decode_images(images, size), None
     out = np.empty((len(images), size, size, 3), dtype=np.uint8)
+    jitter = np.empty((len(images), 2), dtype=np.float32)
     for i, (data, rng) in enumerate(zip(images, rngs, strict=True)):
         offset = rng.random(2)
         draws = _Draws(rng, 1, strength)
@@ -149,8 +143,9 @@ def decode_training(images, size: int, rngs: Sequence[np.random.Generator],
                 tile = tile if tile.mode == "RGB" else tile.convert("RGB")
             else:
                 tile = resized_rgb(image, size)
-            out[i] = np.asarray(draws.apply(tile, 0))
-    return out
+            out[i] = np.asarray(draws.turn(tile, 0))
+        jitter[i] = draws.jitter[0]
+    return out, jitter
 
 
 def crops(image_size: tuple[int, int], size: int) -> bool:
@@ -169,8 +164,14 @@ def _geometric(array: np.ndarray, k: int, flip: bool) -> np.ndarray:
     return np.ascontiguousarray(array[:, ::-1] if flip else array)
 
 
-def to_model_input(images: np.ndarray | torch.Tensor, device=None) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> normalised float32 (B, 3, H, W) in channels-last memory layout."""
+def to_model_input(images: np.ndarray | torch.Tensor, device=None,
+                   jitter: np.ndarray | torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> normalised float32 (B, 3, H, W) in channels-last memory layout.
+
+    With `jitter` ((B, 2) gain and bias rows from `augment` / `decode_training`) each image x
+    first becomes clip((x - mean(x)) * gain + mean(x) + bias, 0, 255): contrast about the
+    image's own mean brightness, then brightness, in float (no rounding to uint8 between).
+    """
     if isinstance(images, np.ndarray) and not images.flags.writeable:
         # Ray hands out read-only views. Nothing writes to this tensor (`.float()` below
         # copies), so skip torch's warning instead of copying the batch.
@@ -181,10 +182,19 @@ def to_model_input(images: np.ndarray | torch.Tensor, device=None) -> torch.Tens
         tensor = torch.as_tensor(images)
     if device is not None:
         tensor = tensor.to(device, non_blocking=True)
-    # Normalise whole (W * 3) rows against tiled statistics: the same arithmetic as broadcasting
-    # over the size-3 channel axis, but 2-3x faster (torch's inner loop was 3 elements long).
+    # Whole (W * 3) rows against tiled statistics: the same arithmetic as broadcasting over the
+    # size-3 channel axis, but 2-3x faster (torch's inner loop was 3 elements long).
     b, h, w, c = tensor.shape
-    mean = torch.as_tensor(np.tile(MEAN, w), device=tensor.device)
-    std = torch.as_tensor(np.tile(STD, w), device=tensor.device)
-    rows = tensor.reshape(b, h, w * c).float().sub_(mean).div_(std)
+    rows = tensor.reshape(b, h, w * c).float()
+    scale = torch.as_tensor(np.tile(1.0 / STD, w), device=tensor.device)
+    shift = torch.as_tensor(np.tile(-MEAN / STD, w), device=tensor.device)  # (x - mean) / std
+    if jitter is None:
+        torch.addcmul(shift, rows, scale, out=rows)
+    else:
+        gain, bias = torch.as_tensor(jitter, device=tensor.device).float().T.reshape(2, b, 1, 1)
+        offset = rows.mean(dim=(1, 2), keepdim=True) * (1 - gain) + bias
+        # The jitter and the normalisation as one affine map per image and column; the clip to
+        # [0, 255] moves with it to normalised units (the scale is positive).
+        rows.mul_(gain * scale).add_(offset * scale + shift)
+        rows.clamp_(shift, torch.as_tensor(np.tile((255 - MEAN) / STD, w), device=tensor.device))
     return rows.view(b, h, w, c).permute(0, 3, 1, 2)  # NHWC storage == channels_last NCHW
