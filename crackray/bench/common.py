@@ -52,43 +52,55 @@ def _decode_only(data: bytes, size: int) -> np.ndarray:
 
 
 def _per_second(work: Callable[[list], object], images: list, passes: int = 3) -> float:
-    """The best of `passes` timed passes: a ceiling is what the core can do when the shared
-    machine lets it, so the least disturbed pass is the estimate."""
+    """Images per CPU-second of this process (all its threads), the best of `passes`: CPU
+    time, unlike the wall clock, does not count the moments the shared machine gave the core
+    to someone else (wall-clock passes of 0.1 s put the decode-only ceiling below the
+    decode + augment one in some runs)."""
     work(images[:8])  # warm Pillow's codecs
     best = 0.0
     for _ in range(passes):
-        start = time.perf_counter()
+        start = time.process_time()
         work(images)
-        best = max(best, len(images) / (time.perf_counter() - start))
+        best = max(best, len(images) / max(time.process_time() - start, 1e-9))
     return best
 
 
-def ceilings(data: str | Path, image_size: int, augment: float, sample: int = 256) -> dict:
-    """One process's images/s of (a) decoding training tiles to `image_size` and (b) the whole
-    training transform the pipeline runs per batch (`batches.prepare_batch`: decode +
-    augmentation); times the cores, the ceilings of any ingest on this machine."""
-    from crackray.data.batches import prepare_batch
+def ceilings(data: str | Path, image_size: int, augment: float, sample: int = 256,
+             batch_size: int | None = None) -> dict:
+    """One process's images per CPU-second of (a) `decode`: decoding training tiles to
+    `image_size`; (b) `transform`: what the pipeline's decode tasks run per block
+    (`batches.prepare_batch`: decode, crop, turns, the jitter drawn); and, given the consumer's
+    `batch_size`, (c) `model_input`: that plus the consumer's `to_torch` (the colour jitter,
+    normalisation) on the CPU, all the work between encoded bytes and a model-ready batch.
+    Each times the cores: the ceilings of any ingest on this machine, (c) of one whose
+    consumer shares its cores."""
+    from crackray.data.batches import prepare_batch, to_torch
     from crackray.data.pipeline import block_rows
 
     table = read_split_table(data, "train", ["image", "label", "surface", "path"])
     size = block_rows(table.num_rows, image_size)  # a one-worker epoch's blocks, repeats aside
     table = table.slice(0, sample)
     rows = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
-    decode = _per_second(lambda part: [_decode_only(d, image_size) for d in part],
-                         list(rows["image"]))
+    rates = {"decode": _per_second(lambda part: [_decode_only(d, image_size) for d in part],
+                                   list(rows["image"]))}
 
-    def transform_batches(indices: list[int]) -> None:
+    def transform_batches(indices: list[int], consume: bool = False) -> None:
         for start in range(0, len(indices), size):
             part = indices[start:start + size]
-            prepare_batch({k: v[part] for k, v in rows.items()}, image_size=image_size,
-                          augment_strength=augment)
+            block = prepare_batch({k: v[part] for k, v in rows.items()},
+                                  image_size=image_size, augment_strength=augment)
+            if consume:
+                for first in range(0, len(part), batch_size):
+                    to_torch({k: v[first:first + batch_size] for k, v in block.items()}, None)
 
-    transform = _per_second(transform_batches, list(range(len(rows["image"]))))
+    indices = list(range(len(rows["image"])))
+    rates["transform"] = _per_second(transform_batches, indices)
+    if batch_size is not None:
+        rates["model_input"] = _per_second(lambda part: transform_batches(part, True), indices)
     n = cores()
-    return {"decode_images_per_s_one_process": round(decode, 1),
-            "decode_limit_images_per_s": round(decode * n, 1),
-            "transform_images_per_s_one_process": round(transform, 1),
-            "transform_limit_images_per_s": round(transform * n, 1)}
+    return {key: value for name, rate in rates.items()
+            for key, value in ((f"{name}_images_per_s_one_process", round(rate, 1)),
+                               (f"{name}_limit_images_per_s", round(rate * n, 1)))}
 
 
 def drain(batches: Iterable[dict]) -> int:

@@ -34,7 +34,7 @@ def bench_ingest(data: str | Path, *, batch_size: int = 32, image_size: int = 22
     from crackray.data.splits import TRAIN
 
     cfg = bench_config(data, image_size=image_size, batch_size=batch_size)
-    limits = ceilings(cfg.data.path, image_size, cfg.data.augment)
+    limits = ceilings(cfg.data.path, image_size, cfg.data.augment, batch_size=batch_size)
     workers = cores()
     started = start_ray()
     try:
@@ -76,9 +76,8 @@ def bench_ingest(data: str | Path, *, batch_size: int = 32, image_size: int = 22
          "repeats": repeats, "workers": workers, "limit": limit},
         peak_mib,
         **limits,
-        crackray_share_of_decode_limit=round(cross / limits["decode_limit_images_per_s"], 3),
-        crackray_share_of_transform_limit=round(
-            cross / limits["transform_limit_images_per_s"], 3),
+        **{f"crackray_share_of_{name}_limit": round(cross / limits[f"{name}_limit_images_per_s"], 3)
+           for name in ("decode", "transform", "model_input")},
         # Images per CPU-second of all of a side's processes: what each side costs, whatever
         # else the shared machine runs meanwhile (wall-clock rates move with the load).
         **{f"{side}_images_per_cpu_s": round(_per_cpu_second(rounds, side), 1)

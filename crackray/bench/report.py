@@ -36,19 +36,22 @@ def describe(result: dict) -> str:
         lines.append(f"  images per CPU-second          "
                      f"{result[f'{CROSS}_images_per_cpu_s']:9.1f} crackray, "
                      f"{result[f'{PLAIN}_images_per_cpu_s']:.1f} plain (all their processes)")
-        lines.append(f"  crackray share of the limits   "
-                     f"{result['crackray_share_of_decode_limit']:9.1%} decode, "
-                     f"{result['crackray_share_of_transform_limit']:.1%} decode + augment")
+        lines.append("  crackray share of the limits   " + ", ".join(
+            f"{result[f'crackray_share_of_{key}_limit']:.1%} {label}"
+            for key, label in _LIMITS if f"crackray_share_of_{key}_limit" in result))
     lines += [f"    round {r['round']} {r['side']:8s} {r['images']:6d} images "
               f"{r['seconds']:8.2f} s" for r in result["rounds"]]
     return "\n".join(lines)
 
 
+_LIMITS = (("decode", "decode only"), ("transform", "decode + augment"),
+           ("model_input", "... + model input"))
+
+
 def _limits(result: dict, processes: int) -> list[str]:
-    return [f"  {label:30s} {result[f'{key}_limit_images_per_s']:9.1f} images/s "
+    return [f"  {label + ' limit':30s} {result[f'{key}_limit_images_per_s']:9.1f} images/s "
             f"({result[f'{key}_images_per_s_one_process']:.0f}/s x {processes} processes)"
-            for key, label in (("decode", "decode-only limit"),
-                               ("transform", "decode + augment limit"))]
+            for key, label in _LIMITS if f"{key}_limit_images_per_s" in result]
 
 
 def _describe_gpu(result: dict) -> str:
