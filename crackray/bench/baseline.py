@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
-from crackray.data import transforms
+from crackray.data.batches import prepare_batch, to_torch
 from crackray.data.shards import read_split_table
 
 
@@ -34,8 +34,6 @@ class ShardDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, indices: list[int]) -> dict[str, np.ndarray]:
-        from crackray.data.batches import prepare_batch
-
         rows = {"image": self.images[indices], "label": self.labels[indices],
                 "surface": self.surfaces[indices], "path": self.paths[indices]}
         return prepare_batch(rows, image_size=self.image_size,
@@ -52,8 +50,7 @@ def plain_loader(dataset: ShardDataset, batch_size: int, workers: int,
 
 
 def plain_batches(loader: Iterable[dict], device: torch.device) -> Iterator[dict]:
-    """The loader's batches as trainers consume them (what `iterate_batches` yields)."""
+    """The loader's batches as trainers consume them: `batches.to_torch`, as `iterate_batches`
+    does."""
     for batch in loader:
-        yield {"image": transforms.to_model_input(batch["image"], device, batch.get("jitter")),
-               "label": torch.as_tensor(batch["label"]).to(device),
-               "surface": batch["surface"], "path": batch["path"]}
+        yield to_torch(batch, device)

@@ -84,19 +84,25 @@ def ceilings(data: str | Path, image_size: int, augment: float, sample: int = 25
     rates = {"decode": _per_second(lambda part: [_decode_only(d, image_size) for d in part],
                                    list(rows["image"]))}
 
-    def transform_batches(indices: list[int], consume: bool = False) -> None:
+    def decoded_blocks(indices: list[int]) -> Iterator[dict]:
         for start in range(0, len(indices), size):
             part = indices[start:start + size]
-            block = prepare_batch({k: v[part] for k, v in rows.items()},
-                                  image_size=image_size, augment_strength=augment)
-            if consume:
-                for first in range(0, len(part), batch_size):
-                    to_torch({k: v[first:first + batch_size] for k, v in block.items()}, None)
+            yield prepare_batch({k: v[part] for k, v in rows.items()},
+                                image_size=image_size, augment_strength=augment)
+
+    def transform(indices: list[int]) -> None:
+        for _ in decoded_blocks(indices):
+            pass
+
+    def model_inputs(indices: list[int]) -> None:
+        for block in decoded_blocks(indices):
+            for first in range(0, len(block["label"]), batch_size):
+                to_torch({k: v[first:first + batch_size] for k, v in block.items()}, None)
 
     indices = list(range(len(rows["image"])))
-    rates["transform"] = _per_second(transform_batches, indices)
+    rates["transform"] = _per_second(transform, indices)
     if batch_size is not None:
-        rates["model_input"] = _per_second(lambda part: transform_batches(part, True), indices)
+        rates["model_input"] = _per_second(model_inputs, indices)
     n = cores()
     return {key: value for name, rate in rates.items()
             for key, value in ((f"{name}_images_per_s_one_process", round(rate, 1)),

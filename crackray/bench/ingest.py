@@ -76,8 +76,8 @@ def bench_ingest(data: str | Path, *, batch_size: int = 32, image_size: int = 22
          "repeats": repeats, "workers": workers, "limit": limit},
         peak_mib,
         **limits,
-        **{f"crackray_share_of_{name}_limit": round(cross / limits[f"{name}_limit_images_per_s"], 3)
-           for name in ("decode", "transform", "model_input")},
+        **{f"crackray_share_of_{key.removesuffix('_images_per_s')}": round(cross / limit, 3)
+           for key, limit in limits.items() if key.endswith("_limit_images_per_s")},
         # Images per CPU-second of all of a side's processes: what each side costs, whatever
         # else the shared machine runs meanwhile (wall-clock rates move with the load).
         **{f"{side}_images_per_cpu_s": round(_per_cpu_second(rounds, side), 1)

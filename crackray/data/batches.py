@@ -83,7 +83,8 @@ def to_torch(batch: dict[str, np.ndarray], device) -> dict:
     metrics and error galleries."""
     out = {
         "image": transforms.to_model_input(batch["image"], device, batch.get("jitter")),
-        "label": torch.tensor(batch["label"], device=device),
+        # np.asarray: the benchmark's DataLoader hands the label over as a tensor already.
+        "label": torch.tensor(np.asarray(batch["label"]), device=device),
         "surface": np.asarray(batch["surface"], dtype=object),
         "path": np.asarray(batch["path"], dtype=object),
     }
