@@ -193,7 +193,7 @@ def to_model_input(images: np.ndarray | torch.Tensor, device=None,
         offset = rows.mean(dim=(1, 2), keepdim=True) * (1 - gain) + bias
         # The jitter and the normalisation as one affine map per image and column; the clip to
         # [0, 255] moves with it to normalised units (the scale is positive).
-        rows.mul_(gain * scale).add_(offset * scale + shift).clamp_(shift, white)
+        torch.addcmul(offset * scale + shift, rows, gain * scale, out=rows).clamp_(shift, white)
     return rows.view(b, h, w, c).permute(0, 3, 1, 2)  # NHWC storage == channels_last NCHW
 
 
