@@ -119,7 +119,7 @@ def test_summary_rates_are_total_images_over_total_seconds():
 
 def test_ceilings_are_one_process_rates_times_the_cores(tiny_data):
     limits = common.ceilings(tiny_data, 32, augment=1.0, sample=16, batch_size=4)
-    for key in ("decode", "transform", "model_input"):
+    for key in ("decode_resize", "decode", "transform", "model_input"):
         one = limits[f"{key}_images_per_s_one_process"]
         assert one > 0
         assert limits[f"{key}_limit_images_per_s"] == pytest.approx(one * common.cores(), abs=0.2)
@@ -154,7 +154,7 @@ def test_bench_ingest_json(cli, tiny_data):
     out = _last_json(cli("bench", "ingest", "--data", tiny_data, "--image-size", "32",
                          "--batch-size", "16", "--repeats", "1", "--json"))
     _assert_comparison(out)
-    for limit in ("decode", "transform", "model_input"):
+    for limit in ("decode_resize", "decode", "transform", "model_input"):
         assert out[f"crackray_share_of_{limit}_limit"] == pytest.approx(
             out["crackray_images_per_s"] / out[f"{limit}_limit_images_per_s"], abs=1e-3)
     for side in ("crackray", "baseline"):

@@ -14,7 +14,7 @@ import torch
 
 from crackray.config import RunConfig
 from crackray.data import transforms
-from crackray.data.images import open_image, resized_rgb
+from crackray.data.images import decode_rgb, open_image, resized_rgb
 from crackray.data.shards import read_split_table, verify_dataset
 
 CROSS = "crackray"
@@ -67,13 +67,15 @@ def _per_second(work: Callable[[list], object], images: list, passes: int = 3) -
 
 def ceilings(data: str | Path, image_size: int, augment: float, sample: int = 256,
              batch_size: int | None = None) -> dict:
-    """One process's images per CPU-second of (a) `decode`: decoding training tiles to
-    `image_size`; (b) `transform`: what the pipeline's decode tasks run per block
-    (`batches.prepare_batch`: decode, crop, turns, the jitter drawn); and, given the consumer's
-    `batch_size`, (c) `model_input`: that plus the consumer's `to_torch` (the colour jitter,
-    normalisation) on the CPU, all the work between encoded bytes and a model-ready batch.
-    Each times the cores: the ceilings of any ingest on this machine, (c) of one whose
-    consumer shares its cores."""
+    """One process's images per CPU-second of (a) `decode_resize`: decoding tiles and resizing
+    them to `image_size`, what evaluation runs and what training ran before it cropped (the
+    classic decode-and-resize ceiling of an image pipeline); (b) `decode`: the training path's
+    own decode (`_decode_only`); (c) `transform`: what the pipeline's decode tasks run per
+    block (`batches.prepare_batch`: decode, crop, turns, the jitter drawn); and, given the
+    consumer's `batch_size`, (d) `model_input`: that plus the consumer's `to_torch` (the
+    colour jitter, normalisation) on the CPU, all the work between encoded bytes and a
+    model-ready batch. Each times the cores: the ceilings of any ingest on this machine, (d)
+    of one whose consumer shares its cores."""
     from crackray.data.batches import prepare_batch, to_torch
     from crackray.data.pipeline import block_rows
 
@@ -81,8 +83,12 @@ def ceilings(data: str | Path, image_size: int, augment: float, sample: int = 25
     size = block_rows(table.num_rows, image_size)  # a one-worker epoch's blocks, repeats aside
     table = table.slice(0, sample)
     rows = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
-    rates = {"decode": _per_second(lambda part: [_decode_only(d, image_size) for d in part],
-                                   list(rows["image"]))}
+    images = list(rows["image"])
+    rates = {
+        "decode_resize": _per_second(lambda part: [decode_rgb(d, image_size) for d in part],
+                                     images),
+        "decode": _per_second(lambda part: [_decode_only(d, image_size) for d in part], images),
+    }
 
     def decoded_blocks(indices: list[int]) -> Iterator[dict]:
         for start in range(0, len(indices), size):

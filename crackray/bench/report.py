@@ -44,7 +44,8 @@ def describe(result: dict) -> str:
     return "\n".join(lines)
 
 
-_LIMITS = (("decode", "decode only"), ("transform", "decode + augment"),
+_LIMITS = (("decode_resize", "decode + resize"), ("decode", "decode (training crop)"),
+           ("transform", "decode + augment"),
            ("model_input", "... + model input"))
 
 
