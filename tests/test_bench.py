@@ -14,7 +14,7 @@ import psutil
 import pytest
 import torch
 
-from crackray.bench import baseline, common, memory
+from crackray.bench import baseline, common, ingest, memory
 from crackray.bench.gpu import bench_gpu
 from crackray.data.images import decode_rgb
 from crackray.data.prepare import prepare_synthetic
@@ -134,6 +134,15 @@ def test_ceiling_decode_is_the_training_crop(tiny_data):
     full = decode_rgb(data)
     size = full.shape[0] - 4  # within the crop slack: cropped, at offset (0, 0)
     np.testing.assert_array_equal(common._decode_only(data, size), full[:size, :size])
+
+
+def test_ingest_memory_is_read_in_a_fresh_process_per_side(tiny_data):
+    """Each side's peak memory comes from a process that ran nothing else: not this one, and
+    not the other side's (their figures used to carry each other's leftovers)."""
+    assert ingest._in_fresh_process(os.getpid) != os.getpid()
+    peak = ingest._in_fresh_process(ingest.peak_memory, common.PLAIN, tiny_data, 32, 8, None)
+    # At least a Python process with torch loaded (~100 MiB PSS), at most a few GiB.
+    assert 50 < peak < 4096
 
 
 def _last_json(result) -> dict:

@@ -3,7 +3,10 @@ with as many worker processes as Ray has CPUs, and both against the machine's ce
 
 from __future__ import annotations
 
+import multiprocessing
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -24,56 +27,41 @@ from crackray.bench.common import (
 )
 from crackray.bench.memory import PeakMemory, cpu_seconds, cpu_used, dataloader_workers, ray_side
 
+# The processes whose CPU and memory count for a side.
+PROCESSES = {CROSS: ray_side, PLAIN: dataloader_workers}
+
 
 def bench_ingest(data: str | Path, *, batch_size: int = 32, image_size: int = 224,
                  repeats: int = 3, limit: int | None = None) -> dict:
-    """Alternating epochs, `repeats` per side, after one warm-up epoch each; then one untimed
-    epoch per side for peak memory."""
-    from crackray.data.epochs import training_epoch
-    from crackray.data.pipeline import iterate_batches
-    from crackray.data.splits import TRAIN
-
+    """Alternating epochs, `repeats` per side, after one warm-up epoch each; then each side's
+    peak memory over an epoch in a fresh process of its own."""
     cfg = bench_config(data, image_size=image_size, batch_size=batch_size)
     limits = ceilings(cfg.data.path, image_size, cfg.data.augment, batch_size=batch_size)
-    workers = cores()
     started = start_ray()
     try:
-        dataset = training_epoch(cfg, 0)  # what a worker trains on: shuffled, decoded
-        if limit is not None:
-            dataset = dataset.limit(limit)
-        loader = plain_loader(ShardDataset(cfg.data.path, TRAIN, image_size, cfg.data.augment,
-                                           limit), batch_size, workers)
-        cpu = torch.device("cpu")
-        sides = {
-            CROSS: (lambda: iterate_batches(dataset, batch_size, cpu), ray_side),
-            PLAIN: (lambda: plain_batches(loader, cpu), dataloader_workers),
-        }
-        for batches, _ in sides.values():  # warm-up epoch: worker processes start, imports load
+        sides = {side: _epochs(side, cfg, limit) for side in (CROSS, PLAIN)}
+        for batches in sides.values():  # warm-up epoch: worker processes start, imports load
             drain(batches())
         rounds = []
         for r, side in alternating(repeats):
-            batches, processes = sides[side]
+            processes = PROCESSES[side]
             cpu_before, start = cpu_seconds(processes()), time.perf_counter()
-            images = drain(batches())
+            images = drain(sides[side]())
             seconds = time.perf_counter() - start
             rounds.append({"round": r, "side": side, "images": images,
                            "seconds": round(seconds, 3),
                            "cpu_seconds": round(cpu_used(cpu_before,
                                                          cpu_seconds(processes())), 3)})
-        # Memory in one more, untimed epoch per side: reading PSS of Ray's ~15 processes every
-        # 0.25 s costs the driver CPU, which slowed the timed Ray epochs by ~15 %.
-        peak_mib = {}
-        for side, (batches, processes) in sides.items():
-            with PeakMemory(processes) as memory:
-                drain(batches())
-            peak_mib[side] = round(memory.peak_mib, 1)
     finally:
         stop_ray(started)
+    peak_mib = {side: _in_fresh_process(peak_memory, side, str(cfg.data.path), image_size,
+                                        batch_size, limit)
+                for side in (CROSS, PLAIN)}
     cross = rate(rounds, CROSS)
     return summary(
         "ingest", rounds,
         {"data": cfg.data.path, "image_size": image_size, "batch_size": batch_size,
-         "repeats": repeats, "workers": workers, "limit": limit},
+         "repeats": repeats, "workers": cores(), "limit": limit},
         peak_mib,
         **limits,
         **{f"crackray_share_of_{key.removesuffix('_images_per_s')}": round(cross / limit, 3)
@@ -83,6 +71,54 @@ def bench_ingest(data: str | Path, *, batch_size: int = 32, image_size: int = 22
         **{f"{side}_images_per_cpu_s": round(_per_cpu_second(rounds, side), 1)
            for side in (CROSS, PLAIN)},
     )
+
+
+def peak_memory(side: str, data: str, image_size: int, batch_size: int,
+                limit: int | None) -> float:
+    """Peak summed PSS (MiB) of `side`'s processes over one epoch after a warm-up one, in the
+    calling process: meant for a fresh one (`_in_fresh_process`). Measured in the benchmark's
+    own process after the timed rounds, each side's figure carried what the other side and
+    the ceilings had left there, and both moved by ~1 GB between two versions of the code
+    that did not change the pipeline. Memory is read in untimed epochs because polling ~15
+    Ray processes every 0.25 s costs the driver CPU (~15 % of a timed Ray epoch)."""
+    cfg = bench_config(data, image_size=image_size, batch_size=batch_size)
+    started = start_ray() if side == CROSS else False
+    try:
+        batches = _epochs(side, cfg, limit)
+        drain(batches())
+        with PeakMemory(PROCESSES[side]) as memory:
+            drain(batches())
+    finally:
+        stop_ray(started)
+    return round(memory.peak_mib, 1)
+
+
+def _epochs(side: str, cfg, limit: int | None) -> Callable[[], Iterator[dict]]:
+    """A side's training epoch of CPU batches, again at every call: for crackray what a Train
+    worker trains on (shuffled, decoded by Ray Data), for the baseline a DataLoader with as
+    many worker processes as there are cores."""
+    cpu = torch.device("cpu")
+    if side == CROSS:
+        from crackray.data.epochs import training_epoch
+        from crackray.data.pipeline import iterate_batches
+
+        dataset = training_epoch(cfg, 0)
+        if limit is not None:
+            dataset = dataset.limit(limit)
+        return lambda: iterate_batches(dataset, cfg.train.batch_size, cpu)
+    from crackray.data.splits import TRAIN
+
+    loader = plain_loader(ShardDataset(cfg.data.path, TRAIN, cfg.data.image_size,
+                                       cfg.data.augment, limit), cfg.train.batch_size, cores())
+    return lambda: plain_batches(loader, cpu)
+
+
+def _in_fresh_process(function: Callable, *args):
+    """`function(*args)` in a new Python process (spawned: nothing inherited but the
+    environment), its result returned."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(function, *args).result()
 
 
 def _per_cpu_second(rounds: list[dict], side: str) -> float:
