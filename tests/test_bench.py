@@ -140,7 +140,8 @@ def test_ingest_memory_is_read_in_a_fresh_process_per_side(tiny_data):
     """Each side's peak memory comes from a process that ran nothing else: not this one, and
     not the other side's (their figures used to carry each other's leftovers)."""
     assert ingest._in_fresh_process(os.getpid) != os.getpid()
-    peak = ingest._in_fresh_process(ingest.peak_memory, common.PLAIN, tiny_data, 32, 8, None)
+    cfg = common.bench_config(tiny_data, image_size=32, batch_size=8)
+    peak = ingest._in_fresh_process(ingest.peak_memory, common.PLAIN, cfg, None)
     # At least a Python process with torch loaded (~100 MiB PSS), at most a few GiB.
     assert 50 < peak < 4096
 

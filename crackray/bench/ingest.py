@@ -26,6 +26,7 @@ from crackray.bench.common import (
     summary,
 )
 from crackray.bench.memory import PeakMemory, cpu_seconds, cpu_used, dataloader_workers, ray_side
+from crackray.config import RunConfig
 
 # The processes whose CPU and memory count for a side.
 PROCESSES = {CROSS: ray_side, PLAIN: dataloader_workers}
@@ -54,9 +55,7 @@ def bench_ingest(data: str | Path, *, batch_size: int = 32, image_size: int = 22
                                                          cpu_seconds(processes())), 3)})
     finally:
         stop_ray(started)
-    peak_mib = {side: _in_fresh_process(peak_memory, side, str(cfg.data.path), image_size,
-                                        batch_size, limit)
-                for side in (CROSS, PLAIN)}
+    peak_mib = {side: _in_fresh_process(peak_memory, side, cfg, limit) for side in (CROSS, PLAIN)}
     cross = rate(rounds, CROSS)
     return summary(
         "ingest", rounds,
@@ -73,15 +72,11 @@ def bench_ingest(data: str | Path, *, batch_size: int = 32, image_size: int = 22
     )
 
 
-def peak_memory(side: str, data: str, image_size: int, batch_size: int,
-                limit: int | None) -> float:
+def peak_memory(side: str, cfg: RunConfig, limit: int | None) -> float:
     """Peak summed PSS (MiB) of `side`'s processes over one epoch after a warm-up one, in the
-    calling process: meant for a fresh one (`_in_fresh_process`). Measured in the benchmark's
-    own process after the timed rounds, each side's figure carried what the other side and
-    the ceilings had left there, and both moved by ~1 GB between two versions of the code
-    that did not change the pipeline. Memory is read in untimed epochs because polling ~15
-    Ray processes every 0.25 s costs the driver CPU (~15 % of a timed Ray epoch)."""
-    cfg = bench_config(data, image_size=image_size, batch_size=batch_size)
+    calling process: meant for a fresh one (`_in_fresh_process`), so that neither side's
+    figure carries what the other side or the ceilings left behind. Untimed, because polling
+    ~15 Ray processes every 0.25 s costs the driver CPU (~15 % of a timed Ray epoch)."""
     started = start_ray() if side == CROSS else False
     try:
         batches = _epochs(side, cfg, limit)
@@ -93,7 +88,7 @@ def peak_memory(side: str, data: str, image_size: int, batch_size: int,
     return round(memory.peak_mib, 1)
 
 
-def _epochs(side: str, cfg, limit: int | None) -> Callable[[], Iterator[dict]]:
+def _epochs(side: str, cfg: RunConfig, limit: int | None) -> Callable[[], Iterator[dict]]:
     """A side's training epoch of CPU batches, again at every call: for crackray what a Train
     worker trains on (shuffled, decoded by Ray Data), for the baseline a DataLoader with as
     many worker processes as there are cores."""
