@@ -62,18 +62,25 @@ def _wait_for(started, stop) -> None:
 
 def test_sides_split_forked_workers_from_other_child_processes():
     """A forked child shares this command line (a DataLoader worker); a new interpreter
-    with another one stands for Ray's processes."""
+    with another one stands for Ray's processes; a process multiprocessing spawned (where
+    `bench train` plays each plain round) belongs to neither side."""
     fork = multiprocessing.get_context("fork")
     started, stop = fork.Event(), fork.Event()
     forked = fork.Process(target=_wait_for, args=(started, stop))
     forked.start()
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+    spawn = multiprocessing.get_context("spawn")
+    spawned_started, spawned_stop = spawn.Event(), spawn.Event()
+    spawned = spawn.Process(target=_wait_for, args=(spawned_started, spawned_stop))
+    spawned.start()
     try:
         started.wait(60)
+        spawned_started.wait(60)
         plain = {p.pid for p in memory.dataloader_workers()}
         ray = {p.pid for p in memory.ray_side()}
         assert {os.getpid(), forked.pid} <= plain and other.pid not in plain
         assert {os.getpid(), other.pid} <= ray and forked.pid not in ray
+        assert spawned.pid not in plain | ray
         # A process that has gone counts 0 bytes instead of failing the sampler.
         gone = psutil.Process(other.pid)
         other.kill()
@@ -81,7 +88,9 @@ def test_sides_split_forked_workers_from_other_child_processes():
         assert memory.pss_bytes(gone) == 0
     finally:
         stop.set()
+        spawned_stop.set()
         forked.join()
+        spawned.join()
         if other.poll() is None:
             other.kill()
 
@@ -139,9 +148,9 @@ def test_ceiling_decode_is_the_training_crop(tiny_data):
 def test_ingest_memory_is_read_in_a_fresh_process_per_side(tiny_data):
     """Each side's peak memory comes from a process that ran nothing else: not this one, and
     not the other side's (their figures used to carry each other's leftovers)."""
-    assert ingest._in_fresh_process(os.getpid) != os.getpid()
+    assert common.in_fresh_process(os.getpid) != os.getpid()
     cfg = common.bench_config(tiny_data, image_size=32, batch_size=8)
-    peak = ingest._in_fresh_process(ingest.peak_memory, common.PLAIN, cfg, None)
+    peak = common.in_fresh_process(ingest.peak_memory, common.PLAIN, cfg, None)
     # At least a Python process with torch loaded (~100 MiB PSS), at most a few GiB.
     assert 50 < peak < 4096
 

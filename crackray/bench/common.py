@@ -4,9 +4,11 @@ rounds and the summary of a side-by-side comparison."""
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +115,15 @@ def ceilings(data: str | Path, image_size: int, augment: float, sample: int = 25
     return {key: value for name, rate in rates.items()
             for key, value in ((f"{name}_images_per_s_one_process", round(rate, 1)),
                                (f"{name}_limit_images_per_s", round(rate * n, 1)))}
+
+
+def in_fresh_process(function: Callable, *args):
+    """`function(*args)` in a new Python process (spawned: nothing inherited but the
+    environment), its result returned: a benchmark side's memory then carries nothing that
+    the other side or the ceilings left in this process."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(function, *args).result()
 
 
 def drain(batches: Iterable[dict]) -> int:

@@ -3,10 +3,8 @@ with as many worker processes as Ray has CPUs, and both against the machine's ce
 
 from __future__ import annotations
 
-import multiprocessing
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -20,6 +18,7 @@ from crackray.bench.common import (
     ceilings,
     cores,
     drain,
+    in_fresh_process,
     rate,
     start_ray,
     stop_ray,
@@ -55,7 +54,7 @@ def bench_ingest(data: str | Path, *, batch_size: int = 32, image_size: int = 22
                                                          cpu_seconds(processes())), 3)})
     finally:
         stop_ray(started)
-    peak_mib = {side: _in_fresh_process(peak_memory, side, cfg, limit) for side in (CROSS, PLAIN)}
+    peak_mib = {side: in_fresh_process(peak_memory, side, cfg, limit) for side in (CROSS, PLAIN)}
     cross = rate(rounds, CROSS)
     return summary(
         "ingest", rounds,
@@ -74,7 +73,7 @@ def bench_ingest(data: str | Path, *, batch_size: int = 32, image_size: int = 22
 
 def peak_memory(side: str, cfg: RunConfig, limit: int | None) -> float:
     """Peak summed PSS (MiB) of `side`'s processes over one epoch after a warm-up one, in the
-    calling process: meant for a fresh one (`_in_fresh_process`), so that neither side's
+    calling process: meant for a fresh one (`common.in_fresh_process`), so that neither side's
     figure carries what the other side or the ceilings left behind. Untimed, because polling
     ~15 Ray processes every 0.25 s costs the driver CPU (~15 % of a timed Ray epoch)."""
     started = start_ray() if side == CROSS else False
@@ -106,14 +105,6 @@ def _epochs(side: str, cfg: RunConfig, limit: int | None) -> Callable[[], Iterat
     loader = plain_loader(ShardDataset(cfg.data.path, TRAIN, cfg.data.image_size,
                                        cfg.data.augment, limit), cfg.train.batch_size, cores())
     return lambda: plain_batches(loader, cpu)
-
-
-def _in_fresh_process(function: Callable, *args):
-    """`function(*args)` in a new Python process (spawned: nothing inherited but the
-    environment), its result returned."""
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(function, *args).result()
 
 
 def _per_cpu_second(rounds: list[dict], side: str) -> float:

@@ -22,10 +22,17 @@ def dataloader_workers() -> list[psutil.Process]:
 
 def ray_side() -> list[psutil.Process]:
     """This process and every process it started (local Ray: GCS, raylet, workers), except
-    idle DataLoader workers of the other side."""
+    idle DataLoader workers of the other side and what Python's multiprocessing started (the
+    other side's fresh process, its children, multiprocessing's resource tracker)."""
     me = psutil.Process()
     mine = me.cmdline()
-    return [me] + [p for p in _children(me, recursive=True) if _cmdline(p) != mine]
+    return [me] + [p for p in _children(me, recursive=True)
+                   if (line := _cmdline(p)) != mine and not _from_multiprocessing(line)]
+
+
+def _from_multiprocessing(cmdline: list[str] | None) -> bool:
+    """A process that Python's multiprocessing spawned (`-c "from multiprocessing..."`)."""
+    return any("from multiprocessing" in part for part in cmdline or [])
 
 
 def _children(process: psutil.Process, recursive: bool) -> list[psutil.Process]:

@@ -16,6 +16,7 @@ from crackray.bench.common import (
     alternating,
     bench_config,
     cores,
+    in_fresh_process,
     start_ray,
     steady,
     stop_ray,
@@ -27,6 +28,10 @@ from crackray.bench.memory import PeakMemory, dataloader_workers, ray_side
 from crackray.config import RunConfig
 from crackray.errors import ConfigError
 from crackray.models import model_segments
+
+# Training rounds last tens of seconds: a 1 s poll resolves the peak and costs the timed side
+# ~1 % of a core.
+MEMORY_POLL_S = 1.0
 
 
 def _epoch_record(stats: dict, epoch: int) -> dict:
@@ -101,6 +106,24 @@ def _plain_fit(cfg: RunConfig, limit: int | None, device: torch.device) -> list[
     return history
 
 
+def _plain_round(cfg: RunConfig, limit: int | None) -> tuple[list[dict], float]:
+    """A plain round in the calling process, meant for a fresh one (`in_fresh_process`): its
+    epochs and the peak PSS (MiB) of the process meanwhile. A fresh process a round keeps each
+    side's memory its own: rounds in the benchmark's process left the plain loop's heap in the
+    Ray side's figure (its driver) and Ray's client in the plain one."""
+    with PeakMemory(dataloader_workers, interval_s=MEMORY_POLL_S) as memory:
+        history = _plain_fit(cfg, limit, torch.device("cpu"))
+    return history, round(memory.peak_mib, 1)
+
+
+def _ray_round(cfg: RunConfig, limit: int | None, storage: str) -> tuple[list[dict], float]:
+    """A Ray round from the benchmark's process (the driver): its epochs and the peak PSS
+    (MiB) of the driver and every Ray process meanwhile."""
+    with PeakMemory(ray_side, interval_s=MEMORY_POLL_S) as memory:
+        history = ray_fit(cfg, limit, storage)
+    return history, round(memory.peak_mib, 1)
+
+
 def bench_train(data: str | Path, *, model: str = "simple_cnn", image_size: int = 224,
                 batch_size: int = 32, epochs: int = 2, repeats: int = 2,
                 limit: int | None = None, threads: int | None = None) -> dict:
@@ -115,25 +138,20 @@ def bench_train(data: str | Path, *, model: str = "simple_cnn", image_size: int 
     cfg = bench_config(data, image_size=image_size, batch_size=batch_size, model=model,
                        epochs=epochs, cpus_per_worker=max(1.0, cores() // 2),
                        threads_per_worker=threads or cores())
-    cpu = torch.device("cpu")
     started = start_ray()
     rounds = []
     try:
         with tempfile.TemporaryDirectory(prefix="crackray-bench-") as storage:
-            fits = {CROSS: (lambda: ray_fit(cfg, limit, storage), ray_side),
-                    PLAIN: (lambda: _plain_fit(cfg, limit, cpu), dataloader_workers)}
+            play = {CROSS: lambda: _ray_round(cfg, limit, storage),
+                    PLAIN: lambda: in_fresh_process(_plain_round, cfg, limit)}
             for r, side in alternating(repeats):
-                fit, processes = fits[side]
-                # Training rounds last tens of seconds: a 1 s poll resolves the peak and
-                # costs the timed side ~1 % of a core.
-                with PeakMemory(processes, interval_s=1.0) as memory:
-                    history = fit()
+                history, peak_mib = play[side]()
                 kept = steady(history)
                 rounds.append({"round": r, "side": side,
                                "images": sum(e["images"] for e in kept),
                                "seconds": round(sum(e["seconds"] for e in kept), 3),
                                "torch_threads": history[0]["torch_threads"],
-                               "peak_pss_mib": round(memory.peak_mib, 1)})
+                               "peak_pss_mib": peak_mib})
     finally:
         stop_ray(started)
     return summary(
