@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -106,21 +107,14 @@ def _plain_fit(cfg: RunConfig, limit: int | None, device: torch.device) -> list[
     return history
 
 
-def _plain_round(cfg: RunConfig, limit: int | None) -> tuple[list[dict], float]:
-    """A plain round in the calling process, meant for a fresh one (`in_fresh_process`): its
-    epochs and the peak PSS (MiB) of the process meanwhile. A fresh process a round keeps each
-    side's memory its own: rounds in the benchmark's process left the plain loop's heap in the
-    Ray side's figure (its driver) and Ray's client in the plain one."""
-    with PeakMemory(dataloader_workers, interval_s=MEMORY_POLL_S) as memory:
-        history = _plain_fit(cfg, limit, torch.device("cpu"))
-    return history, round(memory.peak_mib, 1)
-
-
-def _ray_round(cfg: RunConfig, limit: int | None, storage: str) -> tuple[list[dict], float]:
-    """A Ray round from the benchmark's process (the driver): its epochs and the peak PSS
-    (MiB) of the driver and every Ray process meanwhile."""
-    with PeakMemory(ray_side, interval_s=MEMORY_POLL_S) as memory:
-        history = ray_fit(cfg, limit, storage)
+def _measured(processes: Callable[[], list], fit: Callable[..., list[dict]],
+              *args) -> tuple[list[dict], float]:
+    """`fit(*args)`'s epochs and the peak PSS (MiB) of `processes()` meanwhile. The plain side
+    runs it in a fresh process a round (`in_fresh_process`), so that each side's memory is its
+    own: rounds in the benchmark's process left the plain loop's heap in the Ray side's figure
+    (the benchmark's process is its driver) and Ray's client in the plain one."""
+    with PeakMemory(processes, interval_s=MEMORY_POLL_S) as memory:
+        history = fit(*args)
     return history, round(memory.peak_mib, 1)
 
 
@@ -138,12 +132,14 @@ def bench_train(data: str | Path, *, model: str = "simple_cnn", image_size: int 
     cfg = bench_config(data, image_size=image_size, batch_size=batch_size, model=model,
                        epochs=epochs, cpus_per_worker=max(1.0, cores() // 2),
                        threads_per_worker=threads or cores())
+    cpu = torch.device("cpu")
     started = start_ray()
     rounds = []
     try:
         with tempfile.TemporaryDirectory(prefix="crackray-bench-") as storage:
-            play = {CROSS: lambda: _ray_round(cfg, limit, storage),
-                    PLAIN: lambda: in_fresh_process(_plain_round, cfg, limit)}
+            play = {CROSS: lambda: _measured(ray_side, ray_fit, cfg, limit, storage),
+                    PLAIN: lambda: in_fresh_process(_measured, dataloader_workers, _plain_fit,
+                                                    cfg, limit, cpu)}
             for r, side in alternating(repeats):
                 history, peak_mib = play[side]()
                 kept = steady(history)
