@@ -77,8 +77,8 @@ def _profile(timeline: Path, windows: list) -> dict:
     of the trial to the loop's first line on every worker (trial driver, Train controller,
     worker processes and their imports), the epochs (hook `epoch<N>`: trained, before
     evaluation) and from the last epoch to the trial's end; and how many of the trials'
-    workers ran in a process started before their trial: none, unless Ray hands a
-    trial a pooled process (the warm-process experiment, README "Performance", measured it)."""
+    workers ran in a process started before their trial (none unless Ray hands a trial a
+    pooled process; README "Performance", the warm-process row)."""
     if not timeline.exists():
         return {}
     lines = [json.loads(line) for line in timeline.read_text().splitlines()]
