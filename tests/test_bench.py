@@ -137,6 +137,30 @@ def test_ceilings_are_one_process_rates_times_the_cores(tiny_data):
     assert "model_input_limit_images_per_s" not in common.ceilings(tiny_data, 32, 1.0, sample=8)
 
 
+def test_a_ceiling_is_all_its_passes_images_over_all_their_cpu_time(tiny_data, monkeypatch):
+    """Not the best pass: the passes are spread between a benchmark's rounds, and the ceiling
+    must see the same mixture of the machine's fast and slow moments as the rounds."""
+    ceiling = common.Ceilings(tiny_data, 32, augment=1.0, sample=16, batch_size=4)
+    images = min(16, read_split_table(tiny_data, "train", ["label"]).num_rows)
+    clock = {"now": 0.0, "calls": 0, "step": 0.5}
+
+    def process_time() -> float:  # every second call (a pass's end) is `step` later
+        clock["calls"] += 1
+        if clock["calls"] % 2 == 0:
+            clock["now"] += clock["step"]
+        return clock["now"]
+
+    monkeypatch.setattr(common.time, "process_time", process_time)
+    ceiling.measure()
+    clock["step"] = 1.5
+    figures = ceiling.measure().figures()
+    for key in ("decode_resize", "decode", "transform", "model_input"):
+        # 2 passes of `images` in 0.5 + 1.5 CPU-seconds (the best pass alone: images / 0.5)
+        assert figures[f"{key}_images_per_s_one_process"] == pytest.approx(images / 1.0)
+        assert figures[f"{key}_limit_images_per_s"] == pytest.approx(
+            images / 1.0 * common.cores())
+
+
 def test_ceiling_decode_is_the_training_crop(tiny_data):
     """The decode ceiling times the crop the training path takes, not the resize."""
     data = read_split_table(tiny_data, "train", ["image"]).column("image")[0].as_py()

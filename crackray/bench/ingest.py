@@ -13,9 +13,9 @@ from crackray.bench.baseline import ShardDataset, plain_batches, plain_loader
 from crackray.bench.common import (
     CROSS,
     PLAIN,
+    Ceilings,
     alternating,
     bench_config,
-    ceilings,
     cores,
     drain,
     in_fresh_process,
@@ -33,10 +33,11 @@ PROCESSES = {CROSS: ray_side, PLAIN: dataloader_workers}
 
 def bench_ingest(data: str | Path, *, batch_size: int = 32, image_size: int = 224,
                  repeats: int = 3, limit: int | None = None) -> dict:
-    """Alternating epochs, `repeats` per side, after one warm-up epoch each; then each side's
-    peak memory over an epoch in a fresh process of its own."""
+    """Alternating epochs, `repeats` per side, after one warm-up epoch each, with a pass of
+    every ceiling after each (`common.Ceilings`); then each side's peak memory
+    over an epoch in a fresh process of its own."""
     cfg = bench_config(data, image_size=image_size, batch_size=batch_size)
-    limits = ceilings(cfg.data.path, image_size, cfg.data.augment, batch_size=batch_size)
+    ceiling = Ceilings(cfg.data.path, image_size, cfg.data.augment, batch_size=batch_size)
     started = start_ray()
     try:
         sides = {side: _epochs(side, cfg, limit) for side in (CROSS, PLAIN)}
@@ -52,10 +53,11 @@ def bench_ingest(data: str | Path, *, batch_size: int = 32, image_size: int = 22
                            "seconds": round(seconds, 3),
                            "cpu_seconds": round(cpu_used(cpu_before,
                                                          cpu_seconds(processes())), 3)})
+            ceiling.measure()
     finally:
         stop_ray(started)
     peak_mib = {side: in_fresh_process(peak_memory, side, cfg, limit) for side in (CROSS, PLAIN)}
-    cross = rate(rounds, CROSS)
+    cross, limits = rate(rounds, CROSS), ceiling.figures()
     return summary(
         "ingest", rounds,
         {"data": cfg.data.path, "image_size": image_size, "batch_size": batch_size,
