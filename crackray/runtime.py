@@ -8,11 +8,19 @@ import tempfile
 
 import ray
 
-# Ray Train's controller collects the workers' reports at its health-check poll (every 2 s by
-# default), and a worker's `report` blocks until its previous one was collected: with epochs
-# of about 2 s (quickstart trials) every epoch stalled ~0.9 s. A 0.5 s poll costs a few cheap
-# actor calls a second. A value already in the environment wins.
-RAY_ENV_VARS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+from crackray import allocator
+
+# A value already in the environment wins.
+RAY_ENV_VARS = {
+    # Ray Train's controller collects the workers' reports at its health-check poll (every 2 s
+    # by default), and a worker's `report` blocks until its previous one was collected: with
+    # epochs of about 2 s (quickstart trials) every epoch stalled ~0.9 s. A 0.5 s poll costs a
+    # few cheap actor calls a second.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    # Training workers and decode tasks keep the memory they free instead of faulting it back
+    # in every step and block (allocator.py).
+    **allocator.ENV_VARS,
+}
 # The embedded local Ray is one node that no autoscaler drains, so Train's preemption watcher
 # (one more actor process for every run and trial) has nothing to watch. Clusters keep it.
 LOCAL_RAY_ENV_VARS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}

@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from crackray import allocator
 from crackray.errors import CrackrayError
 
 
@@ -50,6 +51,9 @@ verbose_option = click.option(
 @click.version_option(package_name="crackray")
 def main() -> None:
     """crackray: distributed crack-detection experiments on Ray."""
+    # Before any process starts: Ray's local processes and the benchmarks' plain sides inherit
+    # it, so both sides of a comparison run on the same allocator.
+    allocator.keep_freed_memory()
 
 
 def format_metrics(metrics: dict, prefix: str,
