@@ -22,14 +22,14 @@ if sys.argv[1] == "keep":
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
-MIB = 2**20
+SIZES = (64 * 2**20, *[4 * 2**20] * 16)
 
 def faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 def round_() -> None:  # what a training step does with its activations, in C
-    blocks = [libc.malloc(size) for size in (64 * MIB, *[4 * MIB] * 16)]
-    for block, size in zip(blocks, (64 * MIB, *[4 * MIB] * 16)):
+    blocks = [libc.malloc(size) for size in SIZES]
+    for block, size in zip(blocks, SIZES):
         ctypes.memset(block, 1, size)  # touch every page
     for block in blocks:
         libc.free(block)
